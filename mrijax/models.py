@@ -1,0 +1,260 @@
+"""The paper's 3D convolutional autoencoders (CAE), described as data and built as Flax linen modules.
+
+Every variant is a `CAEConfig`: a list of layer ops ("conv", "pool", "up") plus width and options.
+One generic module, `CAE`, runs any config, so a new architecture is a new config, not new code.
+
+Conventions (Klingelhoefer & Rousseau): VALID 3x3x3 convolutions, ReLU, BatchNorm *before* every
+convolution but the first, He-normal init, a final 1-filter convolution with a sigmoid, 2x max-pooling
+and 2x nearest upsampling. Arrays are channels-last: (batch, D, H, W, C).
+
+Layer names encode the resolution each convolution runs at (`conv4_dhw` runs on a volume pooled along
+D, H and W), so a variables dict alone tells which architecture it belongs to (`recognise_variant`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrijax import ops
+
+AXES = "dhw"
+
+
+@dataclasses.dataclass(frozen=True)
+class CAEConfig:
+    """Architecture as data. `layers` is a sequence of ("conv",), ("pool", axes) or ("up", axes)."""
+
+    name: str
+    filters: int
+    layers: tuple[tuple[str, ...], ...]
+    residual: bool = False  # concatenate the last full-resolution encoder output into the first decoder conv
+    dropout: float = 0.0  # dropout rate before every hidden conv (regularisation study); 0 = paper
+
+    @property
+    def n_convs(self) -> int:
+        return sum(op[0] == "conv" for op in self.layers)
+
+
+def cube_layers(before: int, between: int, after: int) -> tuple[tuple[str, ...], ...]:
+    """The paper's encoder/decoder: convs, one 2x2x2 pool, convs, one 2x2x2 upsampling, convs."""
+    return (
+        (("conv",),) * before + (("pool", AXES),) + (("conv",),) * between + (("up", AXES),)
+        + (("conv",),) * after
+    )
+
+
+# Progressive pooling (paper Fig. 12): three single-axis pools interleaved with the encoder convs and three
+# single-axis upsamplings interleaved with the decoder convs, first pooled = first upsampled, so every axis
+# sees four convolutions at half resolution and a cubic 40^3 input maps to a 16^3 output.
+PROGRESSIVE_LAYERS = (
+    ("conv",), ("pool", "d"), ("conv",), ("pool", "h"), ("conv",), ("pool", "w"),
+    ("conv",), ("conv",),
+    ("up", "d"), ("conv",), ("up", "h"), ("conv",), ("up", "w"), ("conv",),
+)
+
+VARIANT_CONFIGS: dict[str, CAEConfig] = {
+    "base": CAEConfig("base", 32, cube_layers(3, 3, 2)),
+    "narrow": CAEConfig("narrow", 16, cube_layers(3, 3, 2)),
+    "wide": CAEConfig("wide", 48, cube_layers(3, 3, 2)),
+    "deep": CAEConfig("deep", 32, cube_layers(4, 4, 3)),
+    "shallow": CAEConfig("shallow", 32, cube_layers(2, 2, 1)),
+    "progressive": CAEConfig("progressive", 32, PROGRESSIVE_LAYERS),
+    "residual": CAEConfig("residual", 32, cube_layers(3, 3, 2), residual=True),
+}
+VARIANTS: tuple[str, ...] = tuple(VARIANT_CONFIGS)
+
+
+def get_config(variant: str | CAEConfig) -> CAEConfig:
+    if isinstance(variant, CAEConfig):
+        return variant
+    try:
+        return VARIANT_CONFIGS[variant]
+    except KeyError:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry: VALID convs trim 2 voxels per axis, pools halve, upsamplings double.
+
+
+def input_shape(variant: str | CAEConfig, output: int | Sequence[int] = 16) -> tuple[int, int, int]:
+    """Per-axis input size that the network maps to `output` voxels (walks the layers backwards)."""
+    cfg = get_config(variant)
+    size = list(np.broadcast_to(np.asarray(output, int), (3,)))
+    for op in reversed(cfg.layers):
+        for i, axis in enumerate(AXES):
+            if op[0] == "conv":
+                size[i] += 2
+            elif axis in op[1] and op[0] == "up":
+                if size[i] % 2:
+                    raise ValueError(f"{cfg.name}: output {output} is not reachable (odd size before upsampling)")
+                size[i] //= 2
+            elif axis in op[1] and op[0] == "pool":
+                size[i] *= 2
+    return tuple(int(s) for s in size)
+
+
+def input_size(variant: str | CAEConfig, output: int = 16) -> int:
+    """Cubic input edge for a cubic `output` (38 for base, 46 deep, 30 shallow, 40 progressive)."""
+    shape = input_shape(variant, output)
+    assert len(set(shape)) == 1, shape
+    return shape[0]
+
+
+def output_shape(variant: str | CAEConfig, shape: Sequence[int]) -> tuple[int, int, int]:
+    """Output shape for an input shape, or ValueError if a pooled size would be odd or too small."""
+    cfg = get_config(variant)
+    size = list(shape)
+    for op in cfg.layers:
+        for i, axis in enumerate(AXES):
+            if op[0] == "conv":
+                size[i] -= 2
+            elif axis in op[1] and op[0] == "pool":
+                if size[i] % 2:
+                    raise ValueError(f"{cfg.name}: input {tuple(shape)} gives an odd size before pooling")
+                size[i] //= 2
+            elif axis in op[1] and op[0] == "up":
+                size[i] *= 2
+        if min(size) < 1:
+            raise ValueError(f"{cfg.name}: input {tuple(shape)} is too small")
+    return tuple(size)
+
+
+def margin(variant: str | CAEConfig) -> int:
+    """Voxels the VALID network trims on each side: output = input - 2 * margin."""
+    return (input_size(variant, 16) - 16) // 2
+
+
+def shift_multiple(variant: str | CAEConfig) -> int:
+    """The network commutes with input shifts that are multiples of this (pooling phase)."""
+    cfg = get_config(variant)
+    return 2 ** max(sum(op[0] == "pool" and a in op[1] for op in cfg.layers) for a in AXES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class Conv3D(nn.Module):
+    """VALID 3x3x3 convolution with He-normal kernel; the arithmetic lives in `mrijax.ops` (fast paths)."""
+
+    features: int
+    impl: str = "xla"
+    compute_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.he_normal(), (3, 3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return ops.conv3d(x, kernel, bias, impl=self.impl, compute_dtype=self.compute_dtype)
+
+
+def max_pool(x, axes: str):
+    window = tuple(2 if a in axes else 1 for a in AXES)
+    return nn.max_pool(x, window, strides=window, padding="VALID")
+
+
+def upsample(x, axes: str):
+    for i, a in enumerate(AXES):
+        if a in axes:
+            x = jnp.repeat(x, 2, axis=1 + i)
+    return x
+
+
+def center_crop(x, shape):
+    starts = [(s - t) // 2 for s, t in zip(x.shape[1:4], shape)]
+    return x[:, starts[0]:starts[0] + shape[0], starts[1]:starts[1] + shape[1], starts[2]:starts[2] + shape[2]]
+
+
+class CAE(nn.Module):
+    """Any `CAEConfig`: input (B, D, H, W, 1) in normalised units, output (B, D', H', W', 1) in [0, 1].
+
+    `impl` picks the convolution arithmetic ("xla": lax.conv reference; see `mrijax.ops` for fast ones);
+    `bn_axis_name` synchronises BatchNorm statistics across pmapped devices.
+    """
+
+    config: CAEConfig
+    impl: str = "xla"
+    compute_dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+    bn_momentum: float = 0.99  # Keras defaults, as in the paper's implementation
+    bn_epsilon: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        cfg = self.config
+        pooled = ""  # axes along which the current tensor is at half resolution
+        skip = None
+        conv_index = 0
+        last_conv = cfg.n_convs
+        for op in cfg.layers:
+            if op[0] == "pool":
+                if skip is None:
+                    skip = x
+                x = max_pool(x, op[1])
+                pooled += op[1]
+                continue
+            if op[0] == "up":
+                x = upsample(x, op[1])
+                pooled = "".join(a for a in pooled if a not in op[1])
+                if cfg.residual and not pooled:
+                    x = jnp.concatenate([x, center_crop(skip, x.shape[1:4])], axis=-1)
+                continue
+            conv_index += 1
+            suffix = "".join(a for a in AXES if a in pooled) or "full"
+            if conv_index > 1:
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                    axis_name=self.bn_axis_name, name=f"bn{conv_index}_{suffix}",
+                )(x)
+                if cfg.dropout:
+                    x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+            last = conv_index == last_conv
+            x = Conv3D(1 if last else cfg.filters, impl=self.impl, compute_dtype=self.compute_dtype,
+                       name=f"conv{conv_index}_{suffix}")(x)
+            x = nn.sigmoid(x) if last else nn.relu(x)
+        return x
+
+
+def build_model(variant: str | CAEConfig = "base", **kwargs) -> CAE:
+    """The Flax module of a variant (name or config); kwargs: impl, compute_dtype, bn_axis_name."""
+    return CAE(get_config(variant), **kwargs)
+
+
+def init_variables(variant: str | CAEConfig = "base", seed: int = 0) -> dict:
+    """Fresh {"params", "batch_stats"} for a variant, He-normal kernels, zero biases."""
+    model = build_model(variant)
+    shape = input_shape(variant)
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape, 1), jnp.float32))
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def count_params(params) -> int:
+    """Trainable parameters (kernels, biases, BatchNorm scale and bias)."""
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def _signature(variables) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+_SIGNATURES: dict[str, dict] = {}
+
+
+def recognise_variant(variables) -> str:
+    """Which registered variant a variables dict belongs to, from its layer names and shapes."""
+    if not isinstance(variables, dict) and not hasattr(variables, "keys") or "params" not in variables:
+        raise ValueError("expected a variables dict with 'params' and 'batch_stats' (see mrijax.init_variables)")
+    signature = _signature(variables)
+    for name in VARIANTS:
+        if name not in _SIGNATURES:
+            _SIGNATURES[name] = _signature(jax.eval_shape(lambda n=name: init_variables(n)))
+        if _SIGNATURES[name] == signature:
+            return name
+    raise ValueError("the parameters match none of the registered variants " + ", ".join(VARIANTS))
