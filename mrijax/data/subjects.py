@@ -1,0 +1,193 @@
+"""Finding and loading paired subjects (source contrast -> target contrast) from a folder or a manifest.
+
+Two layouts are understood:
+- BIDS-like: `root/sub-<id>/anat/sub-<id>_<modality>.nii.gz` (or `.nii`), `<modality>` e.g. T1w, T2w,
+  FLAIR, and an optional `sub-<id>_mask.nii.gz`;
+- a manifest (CSV or TSV; `root` is the file, or a folder holding `manifest.csv`/`manifest.tsv`) with a
+  `subject` column, one column per modality and an optional `mask` column. Relative paths are relative to
+  the manifest's folder; an empty cell means "not available".
+Any pair of contrasts works (T1w->T2w, T2w->T1w, T1w->FLAIR, ...): they are just column/file names.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mrijax.data.io import DataError, Volume, check_same_grid, load_volume
+from mrijax.data.preprocessing import brain_mask, normalise
+
+MANIFEST_NAMES = ("manifest.csv", "manifest.tsv")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclasses.dataclass(eq=False)
+class Subject:
+    """One subject, ready for patches: canonical float32 arrays normalised to brain mean 1/3."""
+
+    id: str
+    source: np.ndarray
+    target: np.ndarray | None  # None for inference-only subjects
+    mask: np.ndarray  # bool
+    affine: np.ndarray  # canonical affine shared by source, target and mask
+    source_volume: Volume  # original source image, to write synthesised results back like it
+    paths: dict[str, Path | None]
+
+
+def _find_nifti(folder: Path, stem: str) -> Path | None:
+    for suffix in NIFTI_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _scan_bids(root: Path, modalities: Sequence[str]) -> list[dict]:
+    entries = []
+    for anat in sorted(root.glob("sub-*/anat")):
+        subject_id = anat.parent.name
+        entry = {"id": subject_id}
+        for modality in (*modalities, "mask"):
+            entry[modality] = _find_nifti(anat, f"{subject_id}_{modality}")
+        entries.append(entry)
+    return entries
+
+
+def _scan_manifest(manifest: Path, modalities: Sequence[str]) -> list[dict]:
+    delimiter = "\t" if manifest.suffix.lower() == ".tsv" else ","
+    try:
+        with open(manifest, newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter=delimiter))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{manifest}: cannot read manifest ({error}); write it as UTF-8 CSV/TSV") from error
+    columns = set(rows[0]) if rows else set()
+    missing_columns = [c for c in ("subject", *modalities) if c not in columns]
+    if missing_columns:
+        raise DataError(f"{manifest}: manifest lacks column(s) {', '.join(missing_columns)}; add a header row with "
+                        f"'subject', {', '.join(repr(m) for m in modalities)} and optionally 'mask'")
+
+    def resolve(cell: str | None) -> Path | None:
+        if not cell or not cell.strip():
+            return None
+        path = Path(cell.strip()).expanduser()
+        return path if path.is_absolute() else manifest.parent / path
+
+    entries = []
+    for row in rows:
+        entry = {"id": row["subject"].strip()}
+        for modality in (*modalities, "mask"):
+            entry[modality] = resolve(row.get(modality))
+        entries.append(entry)
+    return entries
+
+
+def _scan(root: str | Path, modalities: Sequence[str]) -> list[dict]:
+    """All subjects under `root`, sorted by id, with None for any modality file that is not there."""
+    root = Path(root)
+    if root.is_file():
+        manifest = root
+    elif root.is_dir():
+        manifest = next((root / name for name in MANIFEST_NAMES if (root / name).is_file()), None)
+    else:
+        raise DataError(f"{root}: no such folder or manifest; pass a data folder or a CSV/TSV manifest")
+    entries = _scan_manifest(manifest, modalities) if manifest else _scan_bids(root, modalities)
+    if not entries:
+        raise DataError(f"{root}: no subjects found; expected sub-<id>/anat/sub-<id>_<modality>.nii.gz "
+                        "folders or a manifest.csv with a 'subject' column")
+    for entry in entries:  # a listed file that does not exist counts as missing
+        for key, value in entry.items():
+            if key != "id" and value is not None and not Path(value).is_file():
+                entry[key] = None
+    ids = [entry["id"] for entry in entries]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DataError(f"{root}: subject id(s) {', '.join(duplicates)} listed more than once; make ids unique")
+    return sorted(entries, key=lambda entry: entry["id"])
+
+
+def _missing(entry: dict, modalities: Sequence[str]) -> list[str]:
+    return [modality for modality in modalities if entry.get(modality) is None]
+
+
+def _missing_error(entry: dict, missing: Sequence[str], root: str | Path) -> DataError:
+    return DataError(f"{root}: subject {entry['id']} has no {', '.join(missing)} file "
+                     f"(expected e.g. {entry['id']}_{missing[0]}.nii.gz); add it or leave the subject out")
+
+
+def discover(root: str | Path, modalities: Sequence[str] = ("T1w", "T2w"), require: bool = True) -> list[dict]:
+    """Subjects under `root` as dicts {"id", <modality>: path, "mask": path | None}, sorted by id.
+
+    A subject lacking one of `modalities` raises `DataError` when `require`, else it is skipped.
+    """
+    entries = []
+    for entry in _scan(root, modalities):
+        missing = _missing(entry, modalities)
+        if missing and require:
+            raise _missing_error(entry, missing, root)
+        if not missing:
+            entries.append(entry)
+    return entries
+
+
+def load_subject(entry: dict, source: str = "T1w", target: str | None = "T2w") -> Subject:
+    """Load, grid-check, mask and normalise one discovered subject (`target=None` for inference only)."""
+    wanted = [source] + ([target] if target else [])
+    missing = _missing(entry, wanted)
+    if missing:
+        raise _missing_error(entry, missing, entry.get(source) or entry["id"])
+    source_volume = load_volume(entry[source])
+    target_volume = load_volume(entry[target]) if target else None
+    mask_volume = load_volume(entry["mask"]) if entry.get("mask") else None
+    for other in (target_volume, mask_volume):
+        if other is not None:
+            check_same_grid(source_volume, other)
+    mask = brain_mask(source_volume, target_volume, mask_volume)
+    paths = {"source": source_volume.path, "target": target_volume.path if target_volume else None,
+             "mask": mask_volume.path if mask_volume else None}
+    return Subject(
+        id=entry["id"],
+        source=normalise(source_volume, mask),
+        target=normalise(target_volume, mask) if target_volume is not None else None,
+        mask=mask,
+        affine=source_volume.affine,
+        source_volume=source_volume,
+        paths=paths,
+    )
+
+
+def _matches(subject_id: str, wanted: str) -> bool:
+    return subject_id == wanted or subject_id == f"sub-{wanted}"
+
+
+def load_subjects(root: str | Path, source: str = "T1w", target: str | None = "T2w",
+                  ids: Sequence[str] | None = None) -> list[Subject]:
+    """Load every subject (or those in `ids`, with or without the `sub-` prefix) that has both contrasts.
+
+    Subjects requested by `ids` must be complete (else `DataError`); without `ids`, incomplete subjects are
+    skipped with a warning, so e.g. T1w->FLAIR works on a folder where some subjects have no FLAIR.
+    """
+    modalities = [source] + ([target] if target else [])
+    entries = _scan(root, modalities)
+    if ids is not None:
+        unknown = [i for i in ids if not any(_matches(e["id"], i) for e in entries)]
+        if unknown:
+            raise DataError(f"{root}: unknown subject id(s) {', '.join(unknown)}; "
+                            f"available: {', '.join(e['id'] for e in entries)}")
+        entries = [e for e in entries if any(_matches(e["id"], i) for i in ids)]
+        for entry in entries:
+            missing = _missing(entry, modalities)
+            if missing:
+                raise _missing_error(entry, missing, root)
+    else:
+        incomplete = [e["id"] for e in entries if _missing(e, modalities)]
+        if incomplete:
+            warnings.warn(f"{root}: skipping subject(s) without {' and '.join(modalities)}: {', '.join(incomplete)}",
+                          stacklevel=2)
+        entries = [e for e in entries if not _missing(e, modalities)]
+        if not entries:
+            raise DataError(f"{root}: no subject has both {' and '.join(modalities)}; check the modality names")
+    return [load_subject(entry, source, target) for entry in entries]
