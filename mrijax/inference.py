@@ -1,0 +1,110 @@
+"""Whole-volume synthesis: the trained CAE applied to a full 3D volume in one jitted function.
+
+The network is VALID-padded, so the volume is zero-padded by the network's margin (and to an even size,
+because of pooling) and the output cropped back to the input's shape. To bound memory the output is
+computed in tiles; tile origins are multiples of the pooling factor, where the network commutes with
+shifts, so the tiled result equals the one-pass result. Tiles that hold no brain voxel are skipped.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mrijax import models, ops
+from mrijax.data.preprocessing import brain_mask, normalise
+
+DEFAULT_TILE = 64
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def tile_plan(shape, mask, variant, tile: int | None = DEFAULT_TILE):
+    """Padded output shape, tile output shape and the tile origins whose output block touches the brain."""
+    k = models.shift_multiple(variant)
+    out_shape = tuple(_round_up(max(s, 2 * k), k) for s in shape)
+    if tile is None:
+        tile_shape = out_shape
+    else:
+        if tile % k or tile <= 0:
+            raise ValueError(f"tile must be a positive multiple of {k}, got {tile}")
+        tile_shape = tuple(min(tile, s) for s in out_shape)
+    axes = []
+    for s, t in zip(out_shape, tile_shape):
+        starts = list(range(0, s - t, t)) + [s - t]  # the last tile is pulled back inside (origin stays even)
+        axes.append(sorted(set(starts)))
+    padded_mask = np.zeros(out_shape, bool)
+    padded_mask[: shape[0], : shape[1], : shape[2]] = mask
+    origins = [
+        (a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]
+        if padded_mask[a:a + tile_shape[0], b:b + tile_shape[1], c:c + tile_shape[2]].any()
+    ]
+    return out_shape, tile_shape, np.asarray(origins, np.int32).reshape(-1, 3)
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "out_shape", "tile_shape", "impl", "compute_dtype"))
+def _synthesize_padded(variables, padded, origins, *, variant, out_shape, tile_shape, impl, compute_dtype):
+    """Run the network tile by tile over `padded` (already normalised and padded by the margin)."""
+    model = models.build_model(variant, impl=impl, compute_dtype=compute_dtype)
+    m = models.margin(variant)
+    tile_in = tuple(t + 2 * m for t in tile_shape)
+
+    def body(i, out):
+        origin = origins[i]
+        block = lax.dynamic_slice(padded, origin, tile_in)
+        y = model.apply(variables, block[None, ..., None], train=False)[0, ..., 0]
+        return lax.dynamic_update_slice(out, y, origin)
+
+    return lax.fori_loop(0, origins.shape[0], body, jnp.zeros(out_shape, jnp.float32))
+
+
+def _validate(volume, mask):
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3D, got shape {volume.shape}; pass one 3D image (split 4D series first)")
+    if not np.issubdtype(volume.dtype, np.number) or np.iscomplexobj(volume):
+        raise ValueError(f"volume must be a real numeric array, got dtype {volume.dtype}")
+    if not np.all(np.isfinite(volume)):
+        raise ValueError("volume contains NaN or Inf values; clean or mask them before synthesis")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != volume.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from volume shape {volume.shape}; "
+                             "pass a mask on the same grid")
+    return volume.astype(np.float32), mask
+
+
+def synthesize(params, volume, mask=None, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
+               compute_dtype=jnp.float32) -> np.ndarray:
+    """Synthesize the target contrast for a whole 3D source volume.
+
+    params: a variables dict {"params", "batch_stats"} of a trained model (the architecture is recognised
+        from its layer names and shapes).
+    volume: raw 3D source array in any intensity scale. mask: brain mask (else the positive voxels).
+    Returns an array of the volume's shape, in normalised target units (target / (3 x its brain mean)),
+    zero outside the mask. `tile` bounds memory (None: one pass); `compute_dtype=jnp.bfloat16` is faster.
+    """
+    volume, mask = _validate(volume, mask)
+    variant = models.recognise_variant(params)
+    mask = brain_mask(volume, mask=mask)
+    source = normalise(volume, mask)
+    m = models.margin(variant)
+    out_shape, tile_shape, origins = tile_plan(volume.shape, mask, variant, tile)
+    padded = np.zeros(tuple(s + 2 * m for s in out_shape), np.float32)
+    padded[m:m + volume.shape[0], m:m + volume.shape[1], m:m + volume.shape[2]] = source
+    # Bucket the tile count to a power of two (repeating a tile is harmless) so compiled shapes are reused.
+    bucket = 1 << max(0, math.ceil(math.log2(max(len(origins), 1))))
+    origins = np.concatenate([origins, np.repeat(origins[:1], bucket - len(origins), axis=0)])
+    variables = {"params": params["params"], "batch_stats": params["batch_stats"]}
+    out = _synthesize_padded(
+        variables, jnp.asarray(padded), jnp.asarray(origins), variant=variant, out_shape=out_shape,
+        tile_shape=tile_shape, impl=impl or ops.DEFAULT_IMPL, compute_dtype=compute_dtype,
+    )
+    out = np.asarray(out)[: volume.shape[0], : volume.shape[1], : volume.shape[2]]
+    return np.where(mask, out, 0.0).astype(np.float32)

@@ -1,0 +1,74 @@
+"""The model zoo: the paper's exact parameter counts and the documented input -> 16^3 geometry."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mrijax
+from mrijax import models
+
+PAPER_PARAMS = {"base": 168_289, "wide": 376_849, "deep": 251_521}
+PAPER_INPUT = {"base": 38, "narrow": 38, "wide": 38, "deep": 46, "shallow": 30, "residual": 38,
+               "progressive": 40}
+
+
+@pytest.mark.parametrize("variant,count", sorted(PAPER_PARAMS.items()))
+def test_trainable_parameter_counts_match_the_paper(variant, count):
+    assert mrijax.count_params(mrijax.init_variables(variant)["params"]) == count
+
+
+@pytest.mark.parametrize("variant", mrijax.VARIANTS)
+def test_documented_input_size_maps_to_a_16_cube(variant):
+    size = mrijax.input_size(variant)
+    assert size == PAPER_INPUT[variant]
+    variables = mrijax.init_variables(variant)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, size, size, size, 1))
+    y = mrijax.build_model(variant).apply(variables, x)
+    assert y.shape == (2, 16, 16, 16, 1)
+    assert bool(jnp.all((y >= 0) & (y <= 1)))  # sigmoid output
+    assert models.output_shape(variant, (size,) * 3) == (16, 16, 16)
+
+
+def test_structure_follows_the_paper():
+    params = mrijax.init_variables("base")["params"]
+    convs = sorted(k for k in params if k.startswith("conv"))
+    bns = sorted(k for k in params if k.startswith("bn"))
+    assert len(convs) == 8 and len(bns) == 7  # BatchNorm before every conv but the first
+    assert params["conv8_full"]["kernel"].shape == (3, 3, 3, 32, 1)
+    assert params["conv1_full"]["kernel"].shape == (3, 3, 3, 1, 32)
+    assert [k for k in convs if k.endswith("dhw")] == ["conv4_dhw", "conv5_dhw", "conv6_dhw"]
+    # residual: conv7 sees the upsampled features and the centre-cropped conv3 output
+    assert mrijax.init_variables("residual")["params"]["conv7_full"]["kernel"].shape == (3, 3, 3, 64, 32)
+
+
+def test_he_normal_initialisation():
+    kernel = np.asarray(mrijax.init_variables("wide", seed=3)["params"]["conv5_dhw"]["kernel"])
+    fan_in = 27 * 48
+    assert abs(kernel.std() - np.sqrt(2 / fan_in)) < 0.1 * np.sqrt(2 / fan_in)
+    assert abs(kernel.mean()) < 0.01
+
+
+@pytest.mark.parametrize("variant", mrijax.VARIANTS)
+def test_variant_is_recognised_from_its_variables(variant):
+    assert mrijax.recognise_variant(mrijax.init_variables(variant, seed=1)) == variant
+
+
+def test_unknown_variant_and_foreign_params_are_rejected():
+    with pytest.raises(ValueError, match="unknown variant"):
+        mrijax.build_model("huge")
+    variables = mrijax.init_variables("base")
+    variables = {"params": {**variables["params"], "extra": {"kernel": np.zeros(3)}},
+                 "batch_stats": variables["batch_stats"]}
+    with pytest.raises(ValueError, match="match none"):
+        mrijax.recognise_variant(variables)
+
+
+def test_network_commutes_with_even_shifts_only():
+    """Pooling makes the VALID network equivariant to shifts by 2: the basis of exact tiling."""
+    model, variables = mrijax.build_model("base"), mrijax.init_variables("base", seed=2)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (1, 44, 40, 40, 1))
+    y = model.apply(variables, x)
+    y_shift2 = model.apply(variables, x[:, 2:])
+    y_shift1 = model.apply(variables, x[:, 1:43])
+    np.testing.assert_allclose(y[:, 2:], y_shift2, atol=1e-6)
+    assert not np.allclose(y[:, 1:21], y_shift1[:, :20], atol=1e-4)
