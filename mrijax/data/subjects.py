@@ -85,15 +85,19 @@ def _scan_manifest(manifest: Path, modalities: Sequence[str]) -> list[dict]:
     return entries
 
 
+def _manifest_of(root: Path) -> Path | None:
+    """The manifest `root` names (a file, or manifest.csv/.tsv in a folder), or None for a BIDS-like folder."""
+    if root.is_file():
+        return root
+    if root.is_dir():
+        return next((root / name for name in MANIFEST_NAMES if (root / name).is_file()), None)
+    raise DataError(f"{root}: no such folder or manifest; pass a data folder or a CSV/TSV manifest")
+
+
 def _scan(root: str | Path, modalities: Sequence[str]) -> list[dict]:
     """All subjects under `root`, sorted by id, with None for any modality file that is not there."""
     root = Path(root)
-    if root.is_file():
-        manifest = root
-    elif root.is_dir():
-        manifest = next((root / name for name in MANIFEST_NAMES if (root / name).is_file()), None)
-    else:
-        raise DataError(f"{root}: no such folder or manifest; pass a data folder or a CSV/TSV manifest")
+    manifest = _manifest_of(root)
     entries = _scan_manifest(manifest, modalities) if manifest else _scan_bids(root, modalities)
     if not entries:
         raise DataError(f"{root}: no subjects found; expected sub-<id>/anat/sub-<id>_<modality>.nii.gz "
@@ -114,8 +118,13 @@ def _missing(entry: dict, modalities: Sequence[str]) -> list[str]:
 
 
 def _missing_error(entry: dict, missing: Sequence[str], root: str | Path) -> DataError:
-    return DataError(f"{root}: subject {entry['id']} has no {', '.join(missing)} file "
-                     f"(expected e.g. {entry['id']}_{missing[0]}.nii.gz); add it or leave the subject out")
+    """Name the subject and where its missing file was expected: the BIDS path or the manifest column."""
+    root, modality = Path(root), missing[0]
+    manifest = _manifest_of(root)
+    where = (f"column '{modality}' of {manifest} is empty or names no existing file" if manifest
+             else f"{root / entry['id'] / 'anat' / entry['id']}_{modality}.nii.gz does not exist")
+    return DataError(f"subject {entry['id']} has no {', '.join(missing)} image: {where}; "
+                     "add the file or leave the subject out")
 
 
 def discover(root: str | Path, modalities: Sequence[str] = ("T1w", "T2w"), require: bool = True) -> list[dict]:
@@ -138,7 +147,8 @@ def load_subject(entry: dict, source: str = "T1w", target: str | None = "T2w") -
     wanted = [source] + ([target] if target else [])
     missing = _missing(entry, wanted)
     if missing:
-        raise _missing_error(entry, missing, entry.get(source) or entry["id"])
+        raise DataError(f"subject {entry['id']} has no {', '.join(missing)} image in {entry}; "
+                        "use discover() with these modalities")
     source_volume = load_volume(entry[source])
     target_volume = load_volume(entry[target]) if target else None
     mask_volume = load_volume(entry["mask"]) if entry.get("mask") else None
