@@ -116,8 +116,8 @@ def _conv_matmul_fwd_value(x, kernel):
     xp = jnp.pad(x, ((0, 0), (0, n * depth - out_d), (0, 0), (0, 0), (0, 0)))
 
     def one(i):
-        block = lax.dynamic_slice_in_dim(xp[i // n], (i % n) * depth, depth + 2, axis=0)
-        return _conv_block(block[None], kernel)[0]
+        block = lax.dynamic_slice(xp, (i // n, (i % n) * depth, 0, 0, 0), (1, depth + 2) + xp.shape[2:])
+        return _conv_block(block, kernel)[0]
 
     y = lax.map(one, jnp.arange(b * n))
     y = y.reshape((b, n * depth) + y.shape[2:])
@@ -135,9 +135,10 @@ def _kernel_grad(x, dy):
     dyp = jnp.pad(dy, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))  # zero rows contribute nothing
 
     def one(carry, i):
-        xb = lax.dynamic_slice_in_dim(xp[i // n], (i % n) * depth, depth + 2, axis=0)
-        dyb = lax.dynamic_slice_in_dim(dyp[i // n], (i % n) * depth, depth, axis=0)
-        return carry + _kernel_grad_block(xb[None], dyb[None]), None
+        start = (i // n, (i % n) * depth, 0, 0, 0)
+        xb = lax.dynamic_slice(xp, start, (1, depth + 2) + xp.shape[2:])
+        dyb = lax.dynamic_slice(dyp, start, (1, depth) + dyp.shape[2:])
+        return carry + _kernel_grad_block(xb, dyb), None
 
     cin, cout = x.shape[-1], dy.shape[-1]
     grad, _ = lax.scan(one, jnp.zeros((3, 3, 3, cin, cout), jnp.float32), jnp.arange(b * n))

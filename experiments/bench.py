@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Speed of mrijax on this machine, one JSON object per measurement, optionally beside PyTorch eager.
+
+    python experiments/bench.py --mode train --variant base --batch 8 [--dtype bf16] [--impl matmul] --compare
+    python experiments/bench.py --mode train --variant base --batch 1 --output 48   # one dense 48^3 crop
+    python experiments/bench.py --mode infer --variant base --shape 96 96 96 --compare
+    python experiments/bench.py --mode synthesize --shape 96 112 96
+
+Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch
+geometry (16^3 output), the same work as `torch_cae.py`. Infer: one eval-mode forward on an input of the given
+shape (VALID output). `--compare` runs the reference `torch_cae.py` with the same flags in a subprocess of the
+same python right after, and prints the ratio mrijax / pytorch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mrijax
+from mrijax import models, ops, training
+
+TORCH_REFERENCE = os.environ.get("MRIJAX_TORCH_CAE", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                                  "bench", "torch_cae.py"))
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+            "cpu": cpu, "cores": os.cpu_count()}
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def bench_train(args) -> dict:
+    edge = models.input_shape(args.variant, args.output)
+    rng = np.random.default_rng(0)
+    batch = {"source": jnp.asarray(rng.random((args.batch, *edge, 1), np.float32)),
+             "target": jnp.asarray(rng.random((args.batch, *(args.output,) * 3, 1), np.float32))}
+    state = training.create_train_state(args.variant, impl=args.impl, compute_dtype=DTYPES[args.dtype],
+                                        bn_axis_name=None)
+    step = jax.jit(training.train_step, donate_argnums=0)
+    times = []
+    for i in range(args.steps + 1):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        if i:  # step 0 compiles
+            times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return {"mode": "train", "input_shape": list(edge), "output": args.output, "batch": args.batch,
+            "steps": args.steps, "median_step_seconds": median,
+            "train_patches_per_s": args.batch * (args.output / 16) ** 3 / median}
+
+
+def bench_infer(args) -> dict:
+    variables = models.init_variables(args.variant)
+    model = models.build_model(args.variant, impl=args.impl, compute_dtype=DTYPES[args.dtype])
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    x = jnp.asarray(np.random.default_rng(0).random((1, *args.shape, 1), np.float32))
+    timed(forward, variables, x)  # compile and warm up
+    seconds = min(timed(forward, variables, x) for _ in range(args.repeats))
+    out = models.output_shape(args.variant, args.shape)
+    return {"mode": "infer", "input_shape": list(args.shape), "output_shape": list(out), "seconds": seconds,
+            "output_voxels_per_s": float(np.prod(out)) / seconds}
+
+
+def bench_synthesize(args) -> dict:
+    variables = models.init_variables(args.variant)
+    volume = np.random.default_rng(0).random(tuple(args.shape), np.float32) + 0.5
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype)
+    second = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": "synthesize", "shape": list(args.shape), "first_call_seconds": first, "seconds": second,
+            "voxels_per_s": float(np.prod(args.shape)) / second, "peak_rss_mib": peak_mib}
+
+
+def run_torch(args) -> dict:
+    cmd = [sys.executable, TORCH_REFERENCE, "--variant", args.variant, "--dtype", args.dtype]
+    if args.mode == "infer":
+        cmd += ["--infer", *map(str, args.shape)]
+    else:
+        cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="train", choices=["train", "infer", "synthesize"])
+    p.add_argument("--variant", default="base", choices=models.VARIANTS)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--output", type=int, default=16, help="train: output edge (16: the paper's patches; "
+                                                          "48/64: one dense crop, counted in 16^3 patches)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2, help="infer: timed forwards (the best is reported)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--impl", default=ops.best_impl(), choices=sorted(ops.IMPLEMENTATIONS))
+    p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
+    p.add_argument("--compare", action="store_true", help="also run torch_cae.py and print the ratio")
+    args = p.parse_args()
+    if args.compare and (args.mode == "synthesize" or args.output != 16):
+        p.error("--compare is for train (16^3 patches) and infer")
+
+    run = {"train": bench_train, "infer": bench_infer, "synthesize": bench_synthesize}[args.mode]
+    rec = {"impl": f"mrijax-{args.impl}", "variant": args.variant, "dtype": args.dtype, **machine_info()}
+    rec.update(run(args))
+    print(json.dumps(rec), flush=True)
+    if args.compare:
+        ref = run_torch(args)
+        print(json.dumps(ref), flush=True)
+        key = "train_patches_per_s" if args.mode == "train" else "output_voxels_per_s"
+        print(json.dumps({"ratio_mrijax_over_pytorch": rec[key] / ref[key], "metric": key, "mode": args.mode,
+                          "variant": args.variant, "mrijax": f"{args.impl}/{args.dtype}",
+                          "pytorch": ref["dtype"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

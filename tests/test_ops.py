@@ -1,0 +1,119 @@
+"""Every fast convolution equals the "xla" reference: outputs and gradients, per layer and for whole models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrijax import models, ops
+
+FAST_IMPLS = [name for name in ops.IMPLEMENTATIONS if name != "xla"]
+F32_RTOL = 1e-5  # relative to the largest magnitude: both sides sum the same products in another order
+BF16_RTOL = 2e-2  # bf16 rounding (8 mantissa bits) of products taken in a different order than the reference
+
+# (batch, D, H, W, Cin, Cout): first-layer (Cin=1), last-layer (Cout=1), widths 16/32/48, odd and uneven sizes,
+# and volumes large enough to be split into several D-blocks.
+SHAPES = [
+    (1, 9, 10, 11, 1, 16),
+    (3, 7, 8, 9, 1, 32),
+    (1, 12, 9, 8, 16, 1),
+    (3, 6, 7, 5, 32, 1),
+    (3, 10, 10, 10, 32, 32),
+    (1, 11, 7, 9, 16, 16),
+    (1, 21, 13, 15, 48, 48),
+    (1, 40, 24, 20, 32, 32),
+]
+
+
+def relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def random_layer(shape, seed=0):
+    b, d, h, w, cin, cout = shape
+    kx, kk, kb, kp = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(kx, (b, d, h, w, cin))
+    kernel = jax.random.normal(kk, (3, 3, 3, cin, cout)) / np.sqrt(27 * cin)
+    bias = jax.random.normal(kb, (cout,))
+    projection = jax.random.normal(kp, (b, d - 2, h - 2, w - 2, cout))
+    return x, kernel, bias, projection
+
+
+def layer_value_and_grads(impl, compute_dtype, x, kernel, bias, projection):
+    def scalar(x, kernel, bias):
+        y = ops.conv3d(x, kernel, bias, impl=impl, compute_dtype=compute_dtype)
+        return jnp.sum(y * projection), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(x, kernel, bias)
+    return y, grads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def exact_reference():
+    """Make the XLA reference compute f32 convolutions at full precision on every backend."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("compute_dtype,rtol", [(jnp.float32, F32_RTOL), (jnp.bfloat16, BF16_RTOL)],
+                         ids=["f32", "bf16"])
+def test_layer_matches_xla(impl, shape, compute_dtype, rtol):
+    args = random_layer(shape)
+    y_ref, grads_ref = layer_value_and_grads("xla", compute_dtype, *args)
+    y, grads = layer_value_and_grads(impl, compute_dtype, *args)
+    assert y.dtype == jnp.float32 and y.shape == y_ref.shape
+    assert relative_error(y, y_ref) < rtol
+    for name, got, want in zip(("x", "kernel", "bias"), grads, grads_ref):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert relative_error(got, want) < rtol, name
+
+
+def test_bf16_is_close_to_f32():
+    """The bf16 path really rounds (it is not silently f32) and stays within bf16 accuracy of f32."""
+    args = random_layer((1, 10, 10, 10, 32, 32))
+    y32, _ = layer_value_and_grads(ops.DEFAULT_IMPL, jnp.float32, *args)
+    y16, _ = layer_value_and_grads(ops.DEFAULT_IMPL, jnp.bfloat16, *args)
+    assert 0 < relative_error(y16, y32) < BF16_RTOL
+
+
+def test_unknown_impl_is_refused():
+    x, kernel, bias, _ = random_layer((1, 5, 5, 5, 1, 2))
+    with pytest.raises(ValueError, match="unknown conv impl"):
+        ops.conv3d(x, kernel, bias, impl="nope")
+
+
+def test_default_impl_policy():
+    assert ops.DEFAULT_IMPL in ops.IMPLEMENTATIONS
+    expected = ops.DEFAULT_IMPL if jax.default_backend() == "cpu" else "xla"
+    assert ops.best_impl() == expected
+
+
+def model_value_and_grads(variant, impl, variables, x, projection):
+    model = models.build_model(variant, impl=impl)
+
+    def scalar(params):
+        y, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                           mutable=["batch_stats"])
+        return jnp.sum(y * projection), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(scalar, has_aux=True))(variables["params"])
+    return y, grads
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("variant", ["residual", "progressive"])
+def test_model_matches_xla(impl, variant):
+    """Whole networks (skip concatenation, single-axis pooling) train identically with every impl."""
+    variables = models.init_variables(variant, seed=1)
+    shape = models.input_shape(variant, 4)
+    x = jax.random.uniform(jax.random.PRNGKey(2), (2, *shape, 1))
+    projection = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 4, 1))
+    y_ref, grads_ref = model_value_and_grads(variant, "xla", variables, x, projection)
+    y, grads = model_value_and_grads(variant, impl, variables, x, projection)
+    assert relative_error(y, y_ref) < F32_RTOL
+    flat_ref = jax.tree_util.tree_leaves_with_path(grads_ref)
+    flat = jax.tree_util.tree_leaves(grads)
+    for (path, want), got in zip(flat_ref, flat):
+        assert relative_error(got, want) < 1e-4, jax.tree_util.keystr(path)
