@@ -142,3 +142,5 @@ def test_build_atlas_is_seeded_and_mimecs_rejects_bad_inputs():
         mimecs.mimecs_synthesize(first, source[:-1], mask, k=4)
     with pytest.raises(ValueError):
         mimecs.build_atlas([source], [target], [mask[:-1]], dict_size=10)
+    with pytest.raises(ValueError):
+        mimecs.build_atlas([source], [target], [mask], dict_size=0)

@@ -87,6 +87,8 @@ def build_atlas(sources, targets, masks, dict_size: int = DEFAULT_DICT_SIZE, see
     """Atlas from subjects with both contrasts: `dict_size` brain patches drawn uniformly at random."""
     if not (len(sources) == len(targets) == len(masks)) or not sources:
         raise ValueError("need the same, non-zero number of sources, targets and masks")
+    if dict_size < 1:
+        raise ValueError(f"dict_size must be >= 1, got {dict_size}")
     subjects = [(*_validated(s, m, t), np.asarray(t, dtype=np.float32)) for s, t, m in zip(sources, targets, masks)]
     counts = np.array([mask.sum() for _, mask, _ in subjects])
     if counts.sum() == 0:
@@ -143,10 +145,11 @@ def mimecs_synthesize(atlas: Atlas, source, mask, *, lam: float = DEFAULT_LAM, k
                       chunk: int = DEFAULT_CHUNK, iterations: int = DEFAULT_ITERATIONS) -> np.ndarray:
     """Synthetic target contrast (float32) for a normalised source volume, zero outside the mask.
 
-    Every brain voxel gets a synthetic 3x3x3 target patch; each voxel's value is the mean of the patches
-    from its brain neighbours that cover it (as in the original). Brain voxels are processed `chunk` at
-    a time, so memory is bounded by chunk x dictionary size floats for the distance matrix
-    (4096 x 32768 x 4 B = 0.5 GiB by default).
+    Every brain voxel gets a synthetic 3x3x3 target patch; each voxel's value is the coefficient-weighted
+    mean over the patches of its brain neighbours that cover it (as in the original, see module doc).
+    Brain voxels are processed `chunk` at a time, so memory is bounded by chunk x dictionary size floats
+    for the distance matrix (4096 x 8192 x 4 B = 128 MiB by default). The dictionary size and seed are
+    fixed when the atlas is built (`build_atlas`).
     """
     source, mask = _validated(source, mask)
     n_atoms = len(atlas.source_patches)
