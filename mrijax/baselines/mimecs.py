@@ -9,8 +9,8 @@ Choices, and where they differ from the original:
   so that the search fits a few minutes on a CPU. Each atom is paired with its whole 3x3x3 atlas
   target patch, and, as in the original, every voxel gets a synthetic target patch and overlapping
   patches are averaged. (Synthesising only the centre voxel was measured worse, MSE 0.0160 vs 0.0114
-  on the tuning slab: each voxel then rests on a few noisy atlas voxels, while 27 overlapping patches
-  pool far more evidence.)
+  on 8 central slices of the tuning pair, K 8: each voxel then rests on a few noisy atlas voxels, while
+  27 overlapping patches pool far more evidence.)
 - Candidate set: the sparse code is solved over the K nearest atoms (Euclidean, exact, by matmul and
   `lax.top_k`) instead of the whole dictionary: far atoms would get (near) zero weight anyway, and
   K x K Gram matrices are cheap enough to batch over thousands of voxels.
