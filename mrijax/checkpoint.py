@@ -1,0 +1,93 @@
+"""Orbax checkpoints: full train states for resuming, and small exported models for inference.
+
+- Train states (params, BatchNorm statistics, Adam state, step, RNG) go through an orbax
+  `CheckpointManager` under `<workdir>/checkpoints`: one save per epoch (or on Ctrl-C), the last few kept,
+  written atomically (orbax finalises a step directory only when it is complete).
+- A model for inference is just {"params", "batch_stats"} plus `model.json` (variant, contrasts, how it
+  was trained and measured). Shipped models live in the repository's `ckpt/` folder in this format.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mrijax import models
+
+REPO_CKPT_DIR = Path(__file__).resolve().parents[1] / "ckpt"
+DEFAULT_MODEL = "t1w-t2w-wide"
+
+
+def _state_tree(state) -> dict:
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "rng": state.rng}
+
+
+def make_manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
+
+
+def save_state(manager: ocp.CheckpointManager, state, meta: dict) -> None:
+    """Save an (unreplicated) train state under its step number, with JSON metadata (epoch, config...)."""
+    step = int(jax.device_get(state.step))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
+                                              meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+
+
+def restore_state(manager: ocp.CheckpointManager, template_state, step: int | None = None):
+    """Restore the latest (or given) step into the structure of `template_state`; returns (state, meta)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint to resume from in {manager.directory}")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(template_state))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+    tree = restored["state"]
+    return template_state.replace(**tree), dict(restored["meta"])
+
+
+def export_model(directory: str | os.PathLike, variables: dict, meta: dict) -> Path:
+    """Write {"params", "batch_stats"} and model.json; overwrites an earlier export in `directory`.
+
+    In a multi-process run every process must call this (orbax synchronises them); process 0 writes.
+    """
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    variables = jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    meta = {"variant": models.recognise_variant(variables), **meta}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "variables", variables, force=True)
+    if jax.process_index() == 0:
+        (directory / "model.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return directory
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike | None = None) -> Path:
+    """A model directory from a path, or a shipped model's name in ckpt/ (default: DEFAULT_MODEL)."""
+    candidate = Path(name_or_path or DEFAULT_MODEL)
+    for path in (candidate, REPO_CKPT_DIR / candidate):
+        if (path / "model.json").is_file():
+            return path.resolve()
+    # A training workdir: use its best export.
+    if (candidate / "best" / "model.json").is_file():
+        return (candidate / "best").resolve()
+    shipped = sorted(p.name for p in REPO_CKPT_DIR.glob("*/model.json"))
+    raise FileNotFoundError(f"no model at {name_or_path!s}: pass a directory holding model.json (a training "
+                            f"workdir's best/ or an export) or a shipped name: {', '.join(shipped) or 'none'}")
+
+
+def load_model(name_or_path: str | os.PathLike | None = None) -> tuple[dict, dict]:
+    """(variables, meta) of an exported or shipped model, ready for `mrijax.synthesize`."""
+    directory = resolve_model_dir(name_or_path)
+    meta = json.loads((directory / "model.json").read_text())
+    abstract = jax.eval_shape(lambda: models.init_variables(meta["variant"]))
+    with ocp.StandardCheckpointer() as ckptr:
+        variables = ckptr.restore(directory / "variables", abstract)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, meta

@@ -1,0 +1,40 @@
+"""Shared command-line plumbing: one-line errors with a non-zero exit, and distributed start-up."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def run(main) -> None:
+    """Call main(); bad input (ValueError, missing files) becomes one 'error:' line and exit status 2."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+def add_distributed_flags(parser) -> None:
+    g = parser.add_argument_group("several processes / machines (jax.distributed)")
+    g.add_argument("--coordinator", default=os.environ.get("MRIJAX_COORDINATOR"),
+                   help="host:port of process 0 (env MRIJAX_COORDINATOR); enables multi-process training")
+    g.add_argument("--num-processes", type=int, default=int(os.environ.get("MRIJAX_NUM_PROCESSES", "1")))
+    g.add_argument("--process-id", type=int, default=int(os.environ.get("MRIJAX_PROCESS_ID", "0")))
+
+
+def init_distributed(args) -> None:
+    """Join a multi-process run when --coordinator is given (CPU collectives over gloo)."""
+    if not args.coordinator:
+        return
+    import jax
+
+    if not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id {args.process_id} must be in [0, {args.num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; GPUs use NCCL
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)

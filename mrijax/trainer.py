@@ -1,0 +1,220 @@
+"""The training loop: data -> pmapped steps -> validation -> metrics, curves and orbax checkpoints.
+
+One generic trainer for every variant and study. Per epoch it streams shuffled blocks (grain) through
+the pmapped `train_step`, evaluates MSE on the validation subjects, appends a line to `metrics.jsonl`,
+redraws `loss.png`, saves the full train state (resumable) and exports the best model by validation MSE
+to `<workdir>/best`. Resume continues at the exact step: the data order is a pure function of
+(seed, epoch), so skipping the batches already seen reproduces the uninterrupted run.
+
+Several processes (machines): call `jax.distributed.initialize` first; each process feeds its shard of
+every epoch to its local devices and pmap spans all devices. Only process 0 writes logs and exports.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from mrijax import checkpoint, data, models, training
+from mrijax.config import TrainConfig
+
+
+def split_subjects(subjects, val_subjects, train_subjects: int | None = None):
+    """Validation = the named ids, or the last N subjects (the paper validates on the last patients)."""
+    ids = [s.id for s in subjects]
+    if isinstance(val_subjects, int):
+        if not 0 < val_subjects < len(subjects):
+            raise ValueError(f"--val-subjects {val_subjects}: need between 1 and {len(subjects) - 1} of the "
+                             f"{len(subjects)} subjects found")
+        val_ids = ids[-val_subjects:]
+    else:
+        missing = [v for v in val_subjects if v not in ids]
+        if missing:
+            raise ValueError(f"validation subject(s) {', '.join(missing)} not found; available: {', '.join(ids)}")
+        val_ids = list(val_subjects)
+    train = [s for s in subjects if s.id not in val_ids]
+    if train_subjects is not None:
+        if not 0 < train_subjects <= len(train):
+            raise ValueError(f"--train-subjects {train_subjects}: only {len(train)} training subjects available")
+        train = train[:train_subjects]
+    if not train:
+        raise ValueError("no training subjects left after taking the validation subjects out")
+    return train, [s for s in subjects if s.id in val_ids]
+
+
+def _local_replica(tree):
+    """The first local device's copy of a pmapped pytree, as host numpy (works across processes)."""
+    def first(x):
+        shard = np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)[:1]
+        return shard[0] if shard.ndim == np.ndim(x) else shard
+
+    return jax.tree_util.tree_map(first, tree)
+
+
+class Trainer:
+    """Holds what one training run needs; `fit()` runs it. Pure steps live in `mrijax.training`."""
+
+    def __init__(self, config: TrainConfig, train_subjects, val_subjects, workdir, *,
+                 baseline_mse: float | None = None, progress: bool = True, log=print):
+        self.config = config
+        self.train_subjects, self.val_subjects = train_subjects, val_subjects
+        self.workdir = Path(workdir)
+        self.baseline_mse = baseline_mse
+        self.progress = progress and jax.process_index() == 0
+        self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+        self.variant = models.get_config(config.variant)
+        if config.dropout:
+            import dataclasses
+            self.variant = dataclasses.replace(self.variant, dropout=config.dropout)
+        n_proc, n_local = jax.process_count(), jax.local_device_count()
+        if config.batch_size % (n_proc * n_local):
+            raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the "
+                             f"{n_proc * n_local} devices ({n_proc} processes x {n_local} local)")
+        self.local_batch = config.batch_size // n_proc
+        self.out_shape = (config.crop,) * 3
+        self.in_shape = models.input_shape(self.variant, config.crop)
+        self.train_records = data.patch_records(train_subjects, config.step)
+        self.val_records = data.patch_records(val_subjects, config.step) if val_subjects else None
+        per_process = len(self.train_records) // n_proc
+        self.steps_per_epoch = per_process // self.local_batch
+        if config.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"only {len(self.train_records)} training blocks for a global batch of "
+                             f"{config.batch_size}: lower --batch-size or --patch-step, or add subjects")
+
+    # -- state -------------------------------------------------------------------------------------------
+    def new_state(self):
+        c = self.config
+        return training.create_train_state(self.variant, lr=c.lr, seed=c.seed, impl=c.impl,
+                                           compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay)
+
+    def _batches(self, records, epoch, shuffle, batch_size, drop_remainder):
+        return data.patch_dataset(
+            self.train_subjects if records is self.train_records else self.val_subjects, records,
+            self.in_shape, self.out_shape, batch_size=batch_size, seed=self.config.seed, epoch=epoch,
+            shuffle=shuffle, shard_index=jax.process_index(), shard_count=jax.process_count(),
+            drop_remainder=drop_remainder)
+
+    def evaluate(self, rstate) -> float:
+        """Validation MSE over every validation block (uneven last batches are zero-weighted padding)."""
+        _, p_eval = training.parallel_steps()
+        n_proc = jax.process_count()
+        per_process = math.ceil(len(self.val_records) / n_proc)
+        n_batches = math.ceil(per_process / self.local_batch)
+        if self.config.max_val_batches:
+            n_batches = min(n_batches, self.config.max_val_batches)
+        sq, count = 0.0, 0.0
+        it = iter(self._batches(self.val_records, 0, False, self.local_batch, False))
+        for _ in range(n_batches):
+            batch = next(it, None)
+            source = np.zeros((self.local_batch, *self.in_shape, 1), np.float32)
+            target = np.zeros((self.local_batch, *self.out_shape, 1), np.float32)
+            weight = np.zeros((self.local_batch,), np.float32)
+            if batch is not None:
+                n = len(batch["source"])
+                source[:n], target[:n], weight[:n] = batch["source"], batch["target"], 1.0
+            out = p_eval(rstate, training.shard_batch({"source": source, "target": target, "weight": weight}))
+            sq += float(out["sq_error"][0])
+            count += float(out["count"][0])
+        return sq / max(count, 1.0)
+
+    # -- loop --------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        c = self.config
+        p_train, _ = training.parallel_steps()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        manager = checkpoint.make_manager(self.workdir)
+        metrics_path = self.workdir / "metrics.jsonl"
+        state, start_step = self.new_state(), 0
+        history = []
+        if resume and manager.latest_step() is not None:
+            state, meta = checkpoint.restore_state(manager, state)
+            same = lambda d: {k: v for k, v in d.items() if k != "epochs"}
+            if same(meta.get("config", {})) != same(json.loads(json.dumps(c.to_dict()))):
+                raise ValueError(f"--resume: {self.workdir} was trained with another configuration; "
+                                 "use the same flags or a new --workdir")
+            start_step = int(state.step)
+            history = [json.loads(line) for line in metrics_path.read_text().splitlines()] \
+                if metrics_path.exists() else []
+            history = [h for h in history if h["epoch"] < start_step // self.steps_per_epoch]
+            self.log(f"resumed from step {start_step} in {self.workdir}")
+        elif not resume and manager.latest_step() is not None:
+            raise ValueError(f"{self.workdir} already holds a run; pass --resume to continue it or choose "
+                             "another --workdir")
+        self._write_history(metrics_path, history)
+        self.log(f"{self.variant.name}: {models.count_params(state.params):,} parameters | "
+                 f"{len(self.train_subjects)} train / {len(self.val_subjects)} val subjects | "
+                 f"{len(self.train_records)} train / {len(self.val_records)} val blocks of "
+                 f"{self.in_shape[0]}->{c.crop} | {self.steps_per_epoch} steps/epoch of {c.batch_size} | "
+                 f"{jax.device_count()} devices")
+        rstate = training.replicate(state)
+        best = min((h["val_mse"] for h in history), default=math.inf)
+        patch_equiv = (c.crop / 16) ** 3  # one block = this many of the paper's 16^3 patches
+        try:
+            for epoch in range(start_step // self.steps_per_epoch, c.epochs):
+                skip = start_step - epoch * self.steps_per_epoch if epoch == start_step // self.steps_per_epoch else 0
+                t0, losses = time.perf_counter(), []
+                it = iter(self._batches(self.train_records, epoch, True, self.local_batch, True))
+                bar = tqdm(total=self.steps_per_epoch, initial=max(skip, 0), disable=not self.progress,
+                           desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False)
+                for b in range(self.steps_per_epoch):
+                    batch = next(it)
+                    if b < skip:
+                        continue
+                    rstate, m = p_train(rstate, training.shard_batch(batch))
+                    losses.append(m["loss"])
+                    bar.update(1)
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix_str(f"{len(losses) * c.batch_size * patch_equiv / elapsed:.1f} patches/s")
+                bar.close()
+                train_mse = float(np.mean([np.asarray(l)[0] for l in losses]))
+                seconds = time.perf_counter() - t0
+                val_mse = self.evaluate(rstate) if self.val_records is not None else float("nan")
+                row = {"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch, "train_mse": train_mse,
+                       "val_mse": val_mse, "seconds": seconds,
+                       "patches_per_s": len(losses) * c.batch_size * patch_equiv / seconds}
+                history.append(row)
+                host_state = training.TrainState(**{**_local_replica(
+                    {k: getattr(rstate, k) for k in ("step", "params", "batch_stats", "opt_state", "rng")}),
+                    "apply_fn": state.apply_fn, "tx": state.tx})
+                checkpoint.save_state(manager, host_state, {"epoch": epoch, "config": c.to_dict()})
+                if val_mse < best:  # every process: orbax synchronises them while saving
+                    best = val_mse
+                    checkpoint.export_model(self.workdir / "best", host_state.variables, self._model_meta(row))
+                if jax.process_index() == 0:
+                    self._write_history(metrics_path, history)
+                    self._plot(history)
+                self.log(f"epoch {epoch + 1}/{c.epochs}  train_mse {train_mse:.5f}  val_mse {val_mse:.5f}  "
+                         f"{seconds:.0f}s  {row['patches_per_s']:.1f} patches/s")
+        except KeyboardInterrupt:
+            host = _local_replica({k: getattr(rstate, k) for k in ("step", "params", "batch_stats",
+                                                                     "opt_state", "rng")})
+            checkpoint.save_state(manager, training.TrainState(**host, apply_fn=state.apply_fn, tx=state.tx),
+                                  {"epoch": int(host["step"]) // self.steps_per_epoch, "config": c.to_dict()})
+            self.log(f"interrupted: saved step {int(host['step'])} to {manager.directory}; continue with --resume")
+            raise
+        final = _local_replica({"params": rstate.params, "batch_stats": rstate.batch_stats})
+        return {"history": history, "variables": final, "best_val_mse": best}
+
+    def _model_meta(self, row: dict) -> dict:
+        c = self.config
+        return {"source": c.source, "target": c.target, "units": "target / (3 x its brain mean)",
+                "train_subjects": [s.id for s in self.train_subjects],
+                "val_subjects": [s.id for s in self.val_subjects], "epoch": row["epoch"],
+                "val_mse": row["val_mse"], "train_mse": row["train_mse"], "config": c.to_dict()}
+
+    @staticmethod
+    def _write_history(path: Path, history) -> None:
+        path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def _plot(self, history) -> None:
+        from mrijax import plotting
+        plotting.plot_loss_curves({self.variant.name: history}, self.workdir / "loss.png",
+                                  baseline_mse=self.baseline_mse)

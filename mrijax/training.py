@@ -1,0 +1,134 @@
+"""Train state and pure train/eval steps (Adam, MSE), data-parallel with `jax.pmap`.
+
+All mutable training state (params, BatchNorm statistics, optimizer state, step, RNG) lives in one
+`TrainState` pytree, so a step is a pure function state -> state and a checkpoint is that pytree.
+Under pmap, gradients are averaged with `pmean` and BatchNorm batch statistics are synchronised across
+devices (the model's `bn_axis_name`), so N devices compute what one device computes on the global batch.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from mrijax import models, ops
+
+AXIS = "devices"
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_optimizer(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam (the paper); `weight_decay` adds an L2 penalty's gradient on kernels (regularisation study)."""
+    def kernels_only(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in jax.tree_util.keystr(path), params)
+
+    parts = [optax.add_decayed_weights(weight_decay, mask=kernels_only)] if weight_decay else []
+    return optax.chain(*parts, optax.adam(lr))
+
+
+def create_train_state(variant: str | models.CAEConfig = "base", *, lr: float = 1e-3, seed: int = 0,
+                       impl: str | None = None, compute_dtype=jnp.float32, weight_decay: float = 0.0,
+                       bn_axis_name: str | None = AXIS) -> TrainState:
+    """A fresh state; `bn_axis_name` must match the pmap axis (None for a plain, unmapped step)."""
+    model, tx = _model_and_optimizer(models.get_config(variant), impl or ops.DEFAULT_IMPL, jnp.dtype(compute_dtype),
+                                     bn_axis_name, lr, weight_decay)
+    variables = models.init_variables(variant, seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                      rng=jax.random.PRNGKey(seed + 1), apply_fn=model.apply, tx=tx)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_and_optimizer(config, impl, compute_dtype, bn_axis_name, lr, weight_decay):
+    """Cached so that equal settings give identical static state fields and reuse compiled steps."""
+    model = models.build_model(config, impl=impl, compute_dtype=compute_dtype, bn_axis_name=bn_axis_name)
+    return model, make_optimizer(lr, weight_decay)
+
+
+def mse_loss(prediction, target):
+    return jnp.mean((prediction.astype(jnp.float32) - target) ** 2)
+
+
+def train_step(state: TrainState, batch: dict, axis_name: str | None = None):
+    """One Adam step on MSE over the output block; returns (new state, {"loss"})."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        pred, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["source"],
+                                       train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        return mse_loss(pred, batch["target"]), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        loss = jax.lax.pmean(loss, axis_name)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, {"loss": loss}
+
+
+def eval_step(state: TrainState, batch: dict, axis_name: str | None = None):
+    """Weighted squared-error sum and voxel count with running BatchNorm statistics (inference mode).
+
+    batch["weight"] (B,) is 1 for real samples and 0 for padding, so uneven last batches average exactly.
+    """
+    pred = state.apply_fn(state.variables, batch["source"], train=False)
+    weight = batch.get("weight", jnp.ones(batch["target"].shape[:1], jnp.float32))
+    per_sample = jnp.sum((pred.astype(jnp.float32) - batch["target"]) ** 2, axis=(1, 2, 3, 4))
+    sq = jnp.sum(weight * per_sample)
+    count = jnp.sum(weight) * (batch["target"].size // batch["target"].shape[0])
+    if axis_name is not None:
+        sq, count = jax.lax.psum(sq, axis_name), jax.lax.psum(count, axis_name)
+    return {"sq_error": sq, "count": count}
+
+
+@functools.lru_cache(maxsize=None)
+def parallel_steps(donate: bool = True):
+    """pmapped train and eval steps over all (global) devices along AXIS."""
+    p_train = jax.pmap(functools.partial(train_step, axis_name=AXIS), axis_name=AXIS,
+                       donate_argnums=(0,) if donate else ())
+    p_eval = jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS)
+    return p_train, p_eval
+
+
+def replicate(state: TrainState) -> TrainState:
+    """Copy the state onto every local device (leading device axis), for the pmapped steps."""
+    n = jax.local_device_count()
+    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+
+
+def unreplicate(state: TrainState) -> TrainState:
+    return jax.tree_util.tree_map(lambda x: x[0], state)
+
+
+def shard_batch(batch: dict, n_devices: int | None = None) -> dict:
+    """Split a host batch (B, ...) into (n_devices, B / n_devices, ...)."""
+    n = n_devices or jax.local_device_count()
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by the {n} local devices")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree_util.tree_map(split, batch)

@@ -1,0 +1,129 @@
+"""Training: pure steps learn, pmap over 2 devices == 1 device, resume == uninterrupted, 2 processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrijax import checkpoint, data, training
+from mrijax.config import PRESETS
+from mrijax.trainer import Trainer, split_subjects
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs STEPS pmapped steps of `narrow` on a fixed global batch of 4 and prints the losses and a parameter
+# checksum; the device count comes from XLA_FLAGS, set before jax is imported.
+PARALLEL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from mrijax import training
+    state = training.create_train_state("narrow", lr=1e-3, seed=0)
+    p_train, p_eval = training.parallel_steps()
+    rs = training.replicate(state)
+    rng = np.random.default_rng(0)
+    losses = []
+    for step in range(3):
+        batch = {"source": rng.uniform(0, 1, (4, 38, 38, 38, 1)).astype(np.float32),
+                 "target": rng.uniform(0, 1, (4, 16, 16, 16, 1)).astype(np.float32)}
+        rs, m = p_train(rs, training.shard_batch(batch))
+        losses.append(float(np.asarray(m["loss"])[0]))
+    kernel = np.asarray(rs.params["conv8_full"]["kernel"])
+    mean = np.asarray(rs.batch_stats["bn5_dhw"]["mean"])
+    print(json.dumps({"devices": jax.local_device_count(), "losses": losses,
+                      "kernel": kernel[0].ravel().tolist(), "bn_mean": mean[0].tolist(),
+                      "replicas_equal": bool(np.allclose(kernel[0], kernel[-1]))}))
+""")
+
+
+def _run_parallel(devices: int) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", PARALLEL_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_two_devices_follow_the_same_trajectory_as_one():
+    one, two = _run_parallel(1), _run_parallel(2)
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert two["replicas_equal"]
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=2e-4)
+    np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=1e-3, atol=1e-6)
+    # BatchNorm statistics synchronised across devices = statistics of the global batch
+    np.testing.assert_allclose(two["bn_mean"], one["bn_mean"], rtol=1e-3, atol=1e-6)
+
+
+def test_unmapped_train_step_fits_a_fixed_batch():
+    state = training.create_train_state("shallow", lr=3e-3, seed=0, bn_axis_name=None)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (2, 30, 30, 30, 1)).astype(np.float32)
+    batch = {"source": x, "target": x[:, 7:23, 7:23, 7:23] * 0.5}
+    step = jax.jit(training.train_step)
+    losses = []
+    for _ in range(8):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 8
+
+
+@pytest.fixture(scope="module")
+def phantom_subjects(tmp_path_factory):
+    root = data.make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_subjects=3, seed=5)
+    return data.load_subjects(root)
+
+
+def _smoke_trainer(subjects, workdir, epochs=3):
+    config = PRESETS["smoke"].replace(variant="narrow", epochs=epochs, max_steps_per_epoch=2, max_val_batches=1)
+    train, val = split_subjects(subjects, 1)
+    return Trainer(config, train, val, workdir, progress=False, log=lambda *a: None)
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(phantom_subjects, tmp_path):
+    full = _smoke_trainer(phantom_subjects, tmp_path / "full").fit()
+    _smoke_trainer(phantom_subjects, tmp_path / "cut", epochs=1).fit()  # "interrupted" after epoch 1
+    resumed = _smoke_trainer(phantom_subjects, tmp_path / "cut").fit(resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    for a, b in zip(jax.tree_util.tree_leaves(full["variables"]), jax.tree_util.tree_leaves(resumed["variables"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
+    assert (tmp_path / "cut" / "loss.png").stat().st_size > 0
+    variables, meta = checkpoint.load_model(tmp_path / "cut")  # the best export
+    assert meta["variant"] == "narrow" and meta["val_subjects"] == [phantom_subjects[-1].id]
+    assert np.isfinite(meta["val_mse"])
+    # a second run into the same folder without --resume is refused rather than mixed
+    with pytest.raises(ValueError, match="--resume"):
+        _smoke_trainer(phantom_subjects, tmp_path / "cut").fit()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_over_loopback(phantom_subjects, tmp_path):
+    root = Path(phantom_subjects[0].paths["source"]).parents[2]
+    port = _free_port()
+    common = [sys.executable, str(REPO / "experiments" / "train.py"), "--variant", "narrow", "--preset", "smoke",
+              "--data", str(root), "--epochs", "1", "--batch-size", "2", "--workdir", str(tmp_path / "run"),
+              "--no-progress", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(common + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    summary = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert np.isfinite(summary["train_mse"]) and np.isfinite(summary["val_mse"])
+    assert "2 devices" in outs[0][0]
+    assert (tmp_path / "run" / "best" / "model.json").exists()
