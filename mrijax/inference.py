@@ -34,7 +34,8 @@ def tile_plan(shape, mask, variant, tile: int | None = DEFAULT_TILE):
     else:
         if tile % k or tile <= 0:
             raise ValueError(f"tile must be a positive multiple of {k}, got {tile}")
-        tile_shape = tuple(min(tile, s) for s in out_shape)
+        # As few tiles per axis as `tile` allows, of equal (even) size, so little is computed past the edge.
+        tile_shape = tuple(min(s, _round_up(-(-s // -(-s // tile)), k)) for s in out_shape)
     axes = []
     for s, t in zip(out_shape, tile_shape):
         starts = list(range(0, s - t, t)) + [s - t]  # the last tile is pulled back inside (origin stays even)
