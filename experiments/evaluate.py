@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Table-1-style evaluation: `python experiments/evaluate.py --data DIR --models t1w-t2w-base t1w-t2w-wide --baselines lut mimecs`.
+
+For every test subject and method: MAE, MSE, SNR, PSNR, SSIM on brain voxels and seconds per volume.
+Writes report.md / report.csv / report.json, absolute-error maps on a fixed 0-0.2 scale (paper Fig. 15)
+and a slice comparison of source, truth and every method (paper Fig. 2) into --out.
+Baselines (LUT, MIMECS) are fitted on --atlas-subjects, by default the first model's training subjects.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mrijax import cli  # noqa: E402
+
+METRICS = ("MAE", "MSE", "SNR", "PSNR", "SSIM")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="BIDS-like folder or manifest (default: the shared real data if present, "
+                                  "else the embedded phantom)")
+    p.add_argument("--models", nargs="*", help="shipped names, export folders or training workdirs "
+                                               "(default: every shipped model in ckpt/)")
+    p.add_argument("--baselines", nargs="*", default=["lut"], choices=["lut", "mimecs"])
+    p.add_argument("--predictions", nargs=2, action="append", metavar=("NAME", "DIR"), default=[],
+                   help="also score a folder of predictions (files named <subject id>*.nii.gz) as method NAME")
+    p.add_argument("--test-subjects", help="comma-separated ids (default: the first model's validation subjects)")
+    p.add_argument("--atlas-subjects", help="comma-separated ids for fitting baselines (default: the first "
+                                            "model's training subjects)")
+    p.add_argument("--source", default="T1w")
+    p.add_argument("--target", default="T2w")
+    p.add_argument("--out", default="results/eval")
+    return p.parse_args(argv)
+
+
+def _default_data():
+    import os
+
+    shared = Path(os.environ.get("MRIJAX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data/mri"))
+    if shared.is_dir():
+        return shared
+    from mrijax import data
+
+    return data.ensure_phantom_dataset()
+
+
+def _ids(text):
+    return [t for t in text.split(",") if t] if text else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import numpy as np
+
+    from mrijax import checkpoint, data, methods, metrics, plotting
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_specs = args.models if args.models is not None else sorted(
+        p.parent.name for p in checkpoint.REPO_CKPT_DIR.glob("*/model.json"))
+    cae = [methods.CAEMethod(spec) for spec in model_specs]
+    subjects = data.load_subjects(args.data or _default_data(), source=args.source, target=args.target)
+    by_id = {s.id: s for s in subjects}
+    first_meta = cae[0].meta if cae else {}
+    test_ids = _ids(args.test_subjects) or first_meta.get("val_subjects") or [subjects[-1].id]
+    atlas_ids = _ids(args.atlas_subjects) or first_meta.get("train_subjects") or \
+        [s.id for s in subjects if s.id not in test_ids]
+    for i in test_ids + atlas_ids:
+        if i not in by_id:
+            raise ValueError(f"subject {i} not found in the data; available: {', '.join(by_id)}")
+    if set(test_ids) & set(atlas_ids):
+        print("warning: test and atlas subjects overlap", file=sys.stderr)
+    atlas = [by_id[i] for i in atlas_ids]
+    all_methods = list(cae)
+    if "lut" in args.baselines:
+        all_methods.append(methods.LUTMethod(atlas))
+    if "mimecs" in args.baselines:
+        all_methods.append(methods.MimecsMethod(atlas))
+    for name in {m.name for m in all_methods}:
+        if sum(m.name == name for m in all_methods) > 1:  # two CAEs of one variant: name by folder
+            for m in all_methods:
+                if m.name == name:
+                    m.name_override = f"{name} ({Path(str(m.model)).name})"
+
+    rows, per_method = [], {}
+    for sid in test_ids:
+        subject = by_id[sid]
+        images = {args.source: subject.source, "truth": subject.target}
+        for m in all_methods:
+            pred, seconds = methods.timed_predict(m, subject.source, subject.mask)
+            name = getattr(m, "name_override", m.name)
+            rows.append({"subject": sid, "method": name, "seconds": seconds,
+                         **dict(zip(METRICS, metrics.evaluate(pred, subject.target, subject.mask).values()))})
+            per_method.setdefault(name, []).append(rows[-1])
+            images[name] = pred
+            print(f"{sid:>16} {name:>24}  " + "  ".join(f"{k} {rows[-1][k]:.5g}" for k in METRICS)
+                  + f"  {seconds:.1f}s", flush=True)
+        for name, folder in args.predictions:
+            matches = sorted(Path(folder).glob(f"{sid}*.nii*"))
+            if not matches:
+                raise FileNotFoundError(f"{folder}: no prediction named {sid}*.nii.gz for method {name}")
+            vol = data.load_volume(matches[0])
+            data.check_same_grid(vol, subject.source_volume)
+            pred = vol.data * subject.mask
+            rows.append({"subject": sid, "method": name, "seconds": float("nan"),
+                         **dict(zip(METRICS, metrics.evaluate(pred, subject.target, subject.mask).values()))})
+            per_method.setdefault(name, []).append(rows[-1])
+            images[name] = pred
+        plotting.plot_comparison(images, subject.mask, out / f"{sid}_comparison.png")
+        plotting.plot_comparison({k: v for k, v in images.items() if k != args.source}, subject.mask,
+                                 out / f"{sid}_error_maps.png", error_of="truth")
+
+    table = {}
+    for name, rs in per_method.items():
+        summary = metrics.summarise([{k: r[k] for k in METRICS} for r in rs])
+        table[name] = {**summary, "seconds": float(np.nanmean([r["seconds"] for r in rs]))}
+    report = (f"Test subjects: {', '.join(test_ids)}; baselines fitted on: {', '.join(atlas_ids)}; "
+              f"{args.source} -> {args.target}, metrics on brain voxels in normalised units "
+              f"(PSNR and SSIM with data range 1).\n\n" + metrics.format_table(table) + "\n")
+    (out / "report.md").write_text(report)
+    with open(out / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["subject", "method", *METRICS, "seconds"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "report.json").write_text(json.dumps({"test_subjects": test_ids, "atlas_subjects": atlas_ids,
+                                                 "rows": rows, "summary": table}, indent=2))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
