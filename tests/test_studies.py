@@ -1,0 +1,133 @@
+"""Studies: every study runs end to end at --preset smoke on a tiny phantom; outputs exist and agree.
+
+All studies share one results folder, so `base` is trained once (as it would be for a user); runs are capped
+at one step per epoch and use the reference convolution (`impl="xla"`, the fastest to compile).
+"""
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mrijax
+from mrijax import data, studies
+from mrijax.config import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 2
+OVERRIDES = {"impl": "xla", "max_steps_per_epoch": 1, "max_val_batches": 1}
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("study_cli", REPO / "experiments" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+    # 4 mm: 50x59x48 volumes, so whole-volume synthesis of the validation subject takes a second per model
+    return data.make_phantom_dataset(tmp_path_factory.mktemp("phantom4"), n_subjects=3, seed=7, resolution=4)
+
+
+@pytest.fixture(scope="module")
+def results(phantom_root, tmp_path_factory):
+    """Every study into one folder: width through the CLI (in-process), the others through run_study."""
+    out = tmp_path_factory.mktemp("studies")
+    cli = _load_cli()
+    cli.main(["--study", "width", "--preset", "smoke", "--data", str(phantom_root), "--out", str(out),
+              "--epochs", str(EPOCHS), "--impl", "xla", "--max-steps-per-epoch", "1"])
+    subjects = data.load_subjects(phantom_root)
+    logs = []
+    found = {"width": json.loads((out / "width.json").read_text())}
+    for name in studies.STUDY_NAMES[1:]:
+        found[name] = studies.run_study(name, "smoke", subjects, 1, out, EPOCHS, overrides=OVERRIDES,
+                                        log=logs.append)
+    return out, found, subjects, logs
+
+
+@pytest.mark.parametrize("name", studies.STUDY_NAMES)
+def test_study_outputs_are_complete_and_consistent(results, name):
+    out, found, subjects, _ = results
+    for suffix in ("png", "md", "csv", "json"):
+        assert (out / f"{name}.{suffix}").stat().st_size > 0
+    doc = json.loads((out / f"{name}.json").read_text())
+    study = studies.STUDIES[name]
+    assert [r["label"] for r in doc["runs"]] == [run.label for run in study.runs]  # one curve per model
+    assert doc["val_subjects"] == [subjects[-1].id]
+    with open(out / f"{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == [run.label for run in study.runs]
+    markdown = (out / f"{name}.md").read_text()
+    for run, record, row in zip(study.runs, doc["runs"], rows):
+        config = studies.run_config(run, "smoke", EPOCHS, **OVERRIDES)
+        assert record["identity"]["config"] == json.loads(json.dumps(config.to_dict()))
+        assert [h["epoch"] for h in record["history"]] == list(range(EPOCHS))
+        losses = [h[k] for h in record["history"] for k in ("train_mse", "val_mse")]
+        assert all(math.isfinite(x) and x > 0 for x in losses)
+        assert record["final_val_mse"] == record["history"][-1]["val_mse"]
+        assert record["best_val_mse"] == min(h["val_mse"] for h in record["history"])
+        assert record["params"] == mrijax.count_params(mrijax.init_variables(config.variant)["params"])
+        assert int(row["params"]) == record["params"]
+        synth = record["synthesis"][subjects[-1].id]
+        assert all(math.isfinite(synth[k]) for k in ("mae", "mse", "snr"))
+        assert float(row["mse"]) == pytest.approx(synth["mse"])
+        assert f"| {run.label} |" in markdown
+        # the run's own training folder holds the same curve
+        lines = (out / run.label / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["val_mse"] for line in lines] == [h["val_mse"] for h in record["history"]]
+
+
+def test_runs_differ_as_the_studies_say(results):
+    _, found, subjects, _ = results
+    by = {name: {r["label"]: r for r in doc["runs"]} for name, doc in found.items()}
+    assert [by["width"][k]["variant"] for k in ("narrow", "base", "wide")] == ["narrow", "base", "wide"]
+    assert by["width"]["base"]["params"] == 168_289 and by["width"]["wide"]["params"] == 376_849
+    assert by["depth"]["deep"]["params"] == 251_521
+    reg = by["regularisation"]
+    assert reg["dropout"]["identity"]["config"]["dropout"] == 0.1
+    assert reg["l2"]["identity"]["config"]["weight_decay"] == 1e-4
+    # dataset: the few-subject run trains on fewer subjects with the patch step halved
+    few, full = by["dataset"]["few"], by["dataset"]["base"]
+    assert len(few["train_subjects"]) == 1 < len(full["train_subjects"]) == len(subjects) - 1
+    assert few["identity"]["config"]["patch_step"] == PRESETS["smoke"].step // 2
+    counts = data.patch_counts(subjects, PRESETS["smoke"].step // 2)
+    assert few["train_blocks"] == counts[few["train_subjects"][0]]
+
+
+def test_base_is_trained_once_and_reused_across_studies(results):
+    out, found, _, logs = results
+    bases = [r for doc in found.values() for r in doc["runs"] if r["label"] == "base"]
+    assert len(bases) == len(studies.STUDY_NAMES)  # every study compares against base
+    assert [r["reused"] for r in bases] == [False] + [True] * (len(bases) - 1)  # trained by the first (width)
+    assert sum(line.startswith("base: reusing") for line in logs) == len(bases) - 1
+    assert len({json.dumps(r["history"]) for r in bases}) == 1
+
+
+def test_subject_source_is_a_fixed_point_of_the_normalisation(results):
+    """synthesize() normalises its input; Subject.source is normalised already, so it passes unchanged."""
+    _, _, subjects, _ = results
+    s = subjects[-1]
+    np.testing.assert_allclose(data.normalise(s.source, s.mask), s.source, rtol=1e-5, atol=1e-7)
+
+
+def test_a_folder_holding_another_configuration_is_refused(results, tmp_path):
+    out, _, subjects, _ = results
+    with pytest.raises(ValueError, match="another configuration"):
+        studies.run_study("width", "smoke", subjects, 1, out, EPOCHS, overrides={**OVERRIDES, "lr": 0.5},
+                          log=lambda *a: None)
+
+
+def test_bad_flags_give_one_line_errors(capsys):
+    cli = _load_cli()
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--study", "colour"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--study", "width", "--epochs", "0"])
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown study"):
+        studies.get_study("colour")
