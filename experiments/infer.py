@@ -107,10 +107,9 @@ def main(argv=None) -> int:
 
     from mrijax import methods
 
+    inputs = list_inputs(args.input, args.source or "T1w")  # cheap checks before loading a model
     method = build_method(args, args.source or "T1w", args.target or "T2w")
-    source = args.source or getattr(method, "source", "T1w")
     target = args.target or getattr(method, "target", "T2w")
-    inputs = list_inputs(args.input, source)
     single = len(inputs) == 1
     failed = 0
     for image, mask in tqdm(inputs, desc="volumes", unit="vol", disable=single or not sys.stderr.isatty()):

@@ -78,7 +78,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike | None = None) -> Path:
     if (candidate / "best" / "model.json").is_file():
         return (candidate / "best").resolve()
     shipped = sorted(p.name for p in REPO_CKPT_DIR.glob("*/model.json"))
-    raise FileNotFoundError(f"no model at {name_or_path!s}: pass a directory holding model.json (a training "
+    raise FileNotFoundError(f"no model at {candidate}: pass a directory holding model.json (a training "
                             f"workdir's best/ or an export) or a shipped name: {', '.join(shipped) or 'none'}")
 
 

@@ -48,6 +48,6 @@ PRESETS: dict[str, TrainConfig] = {
     "quick": TrainConfig(epochs=6, batch_size=4, crop=32, compute_dtype="bfloat16", lr=2e-3),
     # The paper's protocol: 60 epochs, batch 32 of 38^3 -> 16^3 patches on a step-16 grid, Adam 1e-3, MSE.
     "paper": TrainConfig(epochs=60, batch_size=32, crop=16, lr=1e-3),
-    # What the shipped models were trained with (see README): dense 48^3 crops.
-    "ship": TrainConfig(epochs=30, batch_size=4, crop=48, patch_step=24, compute_dtype="bfloat16", lr=1e-3),
+    # What the shipped models were trained with (see README): dense 32^3 crops tiling the brain each epoch.
+    "ship": TrainConfig(epochs=60, batch_size=4, crop=32, compute_dtype="bfloat16", lr=1e-3),
 }

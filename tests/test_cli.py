@@ -1,0 +1,91 @@
+"""The command lines as users run them: outputs on the input's grid, per-file failures, one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import mrijax
+from mrijax import checkpoint
+
+from conftest import write_synthetic_subject
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import infer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An exported (untrained) narrow model: the file path of the CLI does not depend on training."""
+    return checkpoint.export_model(tmp_path_factory.mktemp("model") / "narrow",
+                                   mrijax.init_variables("narrow", seed=4), {"source": "T1w", "target": "T2w"})
+
+
+def test_infer_writes_an_image_on_the_input_grid(tmp_path, tiny_model):
+    paths = write_synthetic_subject(tmp_path / "in", "sub-01", axcodes="LPS", shape=(26, 30, 22))
+    out = tmp_path / "out.nii.gz"
+    assert infer.main(["-i", str(paths["T1w"]), "-o", str(out), "--checkpoint", str(tiny_model)]) == 0
+    src, res = nib.load(paths["T1w"]), nib.load(out)
+    assert res.shape == src.shape and np.allclose(res.affine, src.affine)
+    assert nib.aff2axcodes(res.affine) == ("L", "P", "S")
+    assert res.get_data_dtype() == np.float32
+    assert b"T2w" in res.header["descrip"].tobytes()
+    values, t1 = res.get_fdata(), src.get_fdata()
+    assert np.all(values[t1 <= 0] == 0) and np.all(values[t1 > 0] > 0)
+
+
+def test_infer_on_a_folder_reports_a_corrupt_file_and_writes_the_others(tmp_path, tiny_model, capsys):
+    for i in (1, 2):
+        write_synthetic_subject(tmp_path / "in", f"sub-0{i}", seed=i)
+    bad = tmp_path / "in" / "sub-03" / "anat" / "sub-03_T1w.nii.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a nifti file")
+    code = infer.main(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_model)])
+    assert code == 1
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["sub-01_T1w_synth-T2w.nii.gz", "sub-02_T1w_synth-T2w.nii.gz"]
+    err = capsys.readouterr().err
+    assert "sub-03_T1w.nii.gz" in err and "1 of 3" in err
+
+
+def test_infer_lut_method_from_an_atlas(tmp_path):
+    for i in (1, 2):
+        write_synthetic_subject(tmp_path / "atlas", f"sub-0{i}", seed=i)
+    target = write_synthetic_subject(tmp_path / "in", "sub-09", seed=9)["T1w"]
+    out = tmp_path / "lut.nii.gz"
+    assert infer.main(["-i", str(target), "-o", str(out), "--method", "lut", "--atlas", str(tmp_path / "atlas")]) == 0
+    assert nib.load(out).shape == nib.load(target).shape
+
+
+def _cli(script, *args):
+    return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("train.py", ["--variant", "huge"], "invalid choice"),
+    ("train.py", ["--epochs", "0"], "--epochs must be >= 1"),
+    ("train.py", ["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    ("infer.py", ["-i", "/nonexistent.nii.gz"], "/nonexistent.nii.gz"),
+    ("infer.py", ["-i", "x.nii.gz", "--method", "mimecs"], "--atlas"),
+])
+def test_bad_flags_and_paths_give_one_line_errors(script, args, needle):
+    result = _cli(script, *args)
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip() and "WARNING" not in l]
+    assert needle in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_train_on_mismatched_grids_names_the_file(tmp_path):
+    write_synthetic_subject(tmp_path, "sub-01", seed=1)
+    paths = write_synthetic_subject(tmp_path, "sub-02", seed=2)
+    other = write_synthetic_subject(tmp_path / "x", "sub-02", shape=(24, 28, 22), seed=2)["T2w"]
+    paths["T2w"].write_bytes(other.read_bytes())
+    result = _cli("train.py", "--data", str(tmp_path), "--preset", "smoke")
+    assert result.returncode == 2
+    assert "sub-02_T2w.nii.gz" in result.stderr.strip().splitlines()[-1]
+    assert "different grids" in result.stderr
