@@ -52,6 +52,9 @@ class Study:
     paper: str  # what the paper reported, and where
 
 
+# The paper's loss-curve figures for these studies are Figs. 9-11 and 14 (Secs. 3.4, 3.5, 4); their outcomes
+# are not transcribed into mrijax: compare the measured curves with the paper itself, and say where they differ.
+UNTRANSCRIBED = "Outcome: see the paper's loss curves (Figs. 9-11, 14); not transcribed here."
 BASE = Run("base", note="paper's reference model: 32 filters, convs 3/3/2")
 
 STUDIES: dict[str, Study] = {
@@ -60,39 +63,38 @@ STUDIES: dict[str, Study] = {
         (Run("narrow", (("variant", "narrow"),), "16 filters"), BASE,
          Run("wide", (("variant", "wide"),), "48 filters")),
         "Does a wider network (more filters per convolution) learn a better T1->T2 mapping?",
-        "Sec. 3.4, loss curves among Figs. 9-11: narrow (16) / base (32) / wide (48) filters; the paper reports "
-        "168,289 (base) and 376,849 (wide) trainable parameters. The wide network is the one mrijax ships "
-        "(ckpt/t1w-t2w-wide)."),
+        "narrow (16) / base (32) / wide (48) filters, same layers; the paper reports 168,289 (base) and 376,849 "
+        "(wide) trainable parameters. " + UNTRANSCRIBED),
     "depth": Study(
         "depth",
         (Run("shallow", (("variant", "shallow"),), "convs 2/2/1"), BASE,
          Run("deep", (("variant", "deep"),), "convs 4/4/3")),
         "Do more convolutions (a larger receptive field) help?",
-        "Sec. 3.4, loss curves among Figs. 9-11: shallow (2/2/1) / base (3/3/2) / deep (4/4/3) convolutions "
-        "before pooling / between / after upsampling; the paper reports 251,521 trainable parameters (deep)."),
+        "shallow (2/2/1) / base (3/3/2) / deep (4/4/3) convolutions before pooling / between / after "
+        "upsampling; the paper reports 251,521 trainable parameters (deep). " + UNTRANSCRIBED),
     "architecture": Study(
         "architecture",
         (BASE, Run("progressive", (("variant", "progressive"),),
                    "three single-axis pools (Fig. 12)"),
          Run("residual", (("variant", "residual"),), "conv3 output concatenated into conv7 (Fig. 13)")),
         "Do progressive pooling or a residual (skip) connection improve on the base network?",
-        "Sec. 4, Figs. 12-14: progressive pooling (Fig. 12) and a residual connection (Fig. 13) against base, "
-        "loss curves in Fig. 14."),
+        "progressive pooling (paper Fig. 12) and a residual connection (Fig. 13) against base. "
+        + UNTRANSCRIBED),
     "dataset": Study(
         "dataset",
         (Run("base", note="all training subjects, preset patch step"),
          Run("few", note="1/8 of the training subjects, patch step halved", train_fraction=1 / 8,
              step_divisor=2)),
         "Do more subjects help, at a comparable number of training patches?",
-        "Sec. 3.5, loss curves among Figs. 9-11: few training subjects with the patch step halved (8x the "
-        "patches per subject, so comparable patch counts) against all training subjects."),
+        "few training subjects with the patch step halved (8x the patches per subject, so comparable patch "
+        "counts) against all training subjects. " + UNTRANSCRIBED),
     "regularisation": Study(
         "regularisation",
         (Run("base", note="no regularisation (the paper's setting)"),
          Run("dropout", (("dropout", 0.1),), "dropout 0.1 before hidden convs"),
          Run("l2", (("weight_decay", 1e-4),), "L2 weight decay 1e-4 on kernels")),
         "Does dropout or an L2 penalty reduce the gap between training and validation loss?",
-        "Regularisation (dropout, L2) against the unregularised base network."),
+        "dropout and L2 weight decay against the unregularised base network. " + UNTRANSCRIBED),
 }
 STUDY_NAMES: tuple[str, ...] = tuple(STUDIES)
 
