@@ -23,7 +23,7 @@ class TrainConfig:
     crop: int = 16  # output block edge (16 = the paper's patches)
     patch_step: int | None = None  # grid step of block centres; None: = crop (16 for the paper protocol)
     seed: int = 0
-    compute_dtype: str = "float32"  # "bfloat16": bf16 convolution inputs, f32 accumulation
+    compute_dtype: str = "float32"  # "bfloat16": bf16 conv inputs, f32 accumulation (fast only on bf16 CPUs/GPUs)
     impl: str | None = None  # convolution implementation (None: mrijax.ops.DEFAULT_IMPL)
     weight_decay: float = 0.0  # L2 on kernels (regularisation study)
     dropout: float = 0.0  # dropout before hidden convs (regularisation study)
@@ -44,10 +44,10 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # Seconds: proves the whole path (tests, CI).
     "smoke": TrainConfig(epochs=2, batch_size=2, crop=16, max_steps_per_epoch=3, max_val_batches=2),
-    # Minutes on 2 CPU cores: dense crops, bf16 convolutions; the README's main job.
-    "quick": TrainConfig(epochs=6, batch_size=4, crop=32, compute_dtype="bfloat16", lr=2e-3),
+    # Minutes on 2 CPU cores: dense crops; the README's main job.
+    "quick": TrainConfig(epochs=6, batch_size=4, crop=32, lr=2e-3),
     # The paper's protocol: 60 epochs, batch 32 of 38^3 -> 16^3 patches on a step-16 grid, Adam 1e-3, MSE.
     "paper": TrainConfig(epochs=60, batch_size=32, crop=16, lr=1e-3),
     # What the shipped models were trained with (see README): dense 32^3 crops tiling the brain each epoch.
-    "ship": TrainConfig(epochs=60, batch_size=4, crop=32, compute_dtype="bfloat16", lr=1e-3),
+    "ship": TrainConfig(epochs=60, batch_size=4, crop=32, lr=1e-3),
 }

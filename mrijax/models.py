@@ -182,7 +182,11 @@ class CAE(nn.Module):
     impl: str = "xla"
     compute_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
-    bn_momentum: float = 0.99  # Keras defaults, as in the paper's implementation
+    # Keras's epsilon, as in the paper's implementation. Momentum 0.9 rather than Keras's 0.99: the running
+    # statistics keep momentum**steps of their initial values (0, 1), 40% after 92 steps at 0.99, which
+    # made validation in eval mode meaningless for runs of a few hundred steps like ours (measured: val MSE
+    # 0.226 vs train 0.065 after one epoch). The paper's thousands of steps per epoch hide this.
+    bn_momentum: float = 0.9
     bn_epsilon: float = 1e-3
 
     @nn.compact
