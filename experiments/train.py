@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--workdir", help="output folder (default: ckpt/runs/<variant>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir where it stopped")
-    p.add_argument("--baseline-mse", type=float, help="draw this validation MSE (e.g. MIMECS) on the curve")
+    p.add_argument("--baseline", choices=["lut", "mimecs"],
+                   help="fit this baseline on the training subjects and draw its validation MSE on the curve")
     p.add_argument("--no-progress", action="store_true")
     cli.add_distributed_flags(p)
     args = p.parse_args(argv)
@@ -77,8 +78,15 @@ def main(argv=None):
     shipped = REPO / "ckpt"
     if workdir.resolve().parent == shipped.resolve() and (workdir / "model.json").exists():
         raise ValueError(f"--workdir {workdir} is a shipped model; choose another folder")
-    run = trainer.Trainer(config, train_subjects, val_subjects, workdir, baseline_mse=args.baseline_mse,
-                          progress=not args.no_progress)
+    run = trainer.Trainer(config, train_subjects, val_subjects, workdir, progress=not args.no_progress)
+    if args.baseline:
+        from mrijax import methods
+
+        method = (methods.MimecsMethod if args.baseline == "mimecs" else methods.LUTMethod)(train_subjects)
+        predictions = {s.id: method.predict(s.source, s.mask) for s in val_subjects}
+        run.baseline_mse = trainer.block_mse(predictions, val_subjects, run.val_records, run.out_shape)
+        run.baseline_label = method.name
+        print(f"{method.name} validation MSE over the same blocks: {run.baseline_mse:.5f}")
     result = run.fit(resume=args.resume)
     last = result["history"][-1] if result["history"] else {}
     print(json.dumps({"workdir": str(workdir), "best_val_mse": result["best_val_mse"], **last}))

@@ -48,6 +48,20 @@ def split_subjects(subjects, val_subjects, train_subjects: int | None = None):
     return train, [s for s in subjects if s.id in val_ids]
 
 
+def block_mse(predictions: dict, subjects, records, out_shape) -> float:
+    """MSE of whole-volume predictions over the given blocks: the metric of the validation curve, so a
+    baseline (LUT, MIMECS) can be drawn as a reference line beside the CAE's (paper Fig. 3)."""
+    by_index = {i: s for i, s in enumerate(subjects)}
+    sq, count = 0.0, 0
+    for subject_index, *centre in np.asarray(records):
+        subject = by_index[int(subject_index)]
+        pred = data.extract_patch(predictions[subject.id], centre, out_shape)
+        target = data.extract_patch(subject.target, centre, out_shape)
+        sq += float(np.sum((pred - target) ** 2, dtype=np.float64))
+        count += target.size
+    return sq / count
+
+
 def _local_replica(tree):
     """The first local device's copy of a pmapped pytree, as host numpy (works across processes)."""
     def first(x):
@@ -61,11 +75,12 @@ class Trainer:
     """Holds what one training run needs; `fit()` runs it. Pure steps live in `mrijax.training`."""
 
     def __init__(self, config: TrainConfig, train_subjects, val_subjects, workdir, *,
-                 baseline_mse: float | None = None, progress: bool = True, log=print):
+                 baseline_mse: float | None = None, baseline_label: str = "baseline", progress: bool = True,
+                 log=print):
         self.config = config
         self.train_subjects, self.val_subjects = train_subjects, val_subjects
         self.workdir = Path(workdir)
-        self.baseline_mse = baseline_mse
+        self.baseline_mse, self.baseline_label = baseline_mse, baseline_label
         self.progress = progress and jax.process_index() == 0
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self.variant = models.get_config(config.variant)
@@ -217,4 +232,4 @@ class Trainer:
     def _plot(self, history) -> None:
         from mrijax import plotting
         plotting.plot_loss_curves({self.variant.name: history}, self.workdir / "loss.png",
-                                  baseline_mse=self.baseline_mse)
+                                  baseline_mse=self.baseline_mse, baseline_label=self.baseline_label)

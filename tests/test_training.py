@@ -127,3 +127,16 @@ def test_two_processes_train_together_over_loopback(phantom_subjects, tmp_path):
     assert np.isfinite(summary["train_mse"]) and np.isfinite(summary["val_mse"])
     assert "2 devices" in outs[0][0]
     assert (tmp_path / "run" / "best" / "model.json").exists()
+
+
+def test_block_mse_scores_whole_volume_predictions_over_the_validation_blocks(phantom_subjects):
+    from mrijax.trainer import block_mse
+
+    subjects = phantom_subjects[:2]
+    records = data.patch_records(subjects, 16)
+    perfect = {s.id: s.target for s in subjects}
+    zeros = {s.id: np.zeros_like(s.target) for s in subjects}
+    assert block_mse(perfect, subjects, records, (16, 16, 16)) == 0.0
+    expected = np.mean([np.mean(data.extract_patch(subjects[i].target, c, (16, 16, 16)) ** 2)
+                        for i, *c in records])
+    np.testing.assert_allclose(block_mse(zeros, subjects, records, (16, 16, 16)), expected, rtol=1e-6)
