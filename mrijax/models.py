@@ -13,6 +13,7 @@ D, H and W), so a variables dict alone tells which architecture it belongs to (`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -232,10 +233,15 @@ def build_model(variant: str | CAEConfig = "base", **kwargs) -> CAE:
 
 def init_variables(variant: str | CAEConfig = "base", seed: int = 0) -> dict:
     """Fresh {"params", "batch_stats"} for a variant, He-normal kernels, zero biases."""
-    model = build_model(variant)
-    shape = input_shape(variant)
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape, 1), jnp.float32))
+    variables = _jitted_init(get_config(variant))(jax.random.PRNGKey(seed))
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(config: CAEConfig):
+    """One compiled init per architecture (eager init compiles a small program per parameter shape)."""
+    shape = input_shape(config)
+    return jax.jit(lambda key: build_model(config).init(key, jnp.zeros((1, *shape, 1), jnp.float32)))
 
 
 def count_params(params) -> int:

@@ -114,8 +114,12 @@ def parallel_steps(donate: bool = True):
 
 def replicate(state: TrainState) -> TrainState:
     """Copy the state onto every local device (leading device axis), for the pmapped steps."""
-    n = jax.local_device_count()
-    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+    devices = jax.local_devices()
+    # Placed with the sharding pmap itself produces, so the second step reuses the first step's compile.
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                          jax.sharding.PartitionSpec(AXIS))
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding), state)
 
 
 def unreplicate(state: TrainState) -> TrainState:

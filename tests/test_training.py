@@ -55,7 +55,7 @@ def test_two_devices_follow_the_same_trajectory_as_one():
     one, two = _run_parallel(1), _run_parallel(2)
     assert (one["devices"], two["devices"]) == (1, 2)
     assert two["replicas_equal"]
-    np.testing.assert_allclose(two["losses"], one["losses"], rtol=2e-4)
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-3)  # summation order differs; Adam amplifies
     np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=1e-3, atol=1e-6)
     # BatchNorm statistics synchronised across devices = statistics of the global batch
     np.testing.assert_allclose(two["bn_mean"], one["bn_mean"], rtol=1e-3, atol=1e-6)
