@@ -56,7 +56,7 @@ def test_two_devices_follow_the_same_trajectory_as_one():
     assert (one["devices"], two["devices"]) == (1, 2)
     assert two["replicas_equal"]
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-3)  # summation order differs; Adam amplifies
-    np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=1e-3, atol=1e-4)  # < 0.1 of one Adam step (lr 1e-3)
     # BatchNorm statistics synchronised across devices = statistics of the global batch
     np.testing.assert_allclose(two["bn_mean"], one["bn_mean"], rtol=1e-3, atol=1e-6)
 
