@@ -85,9 +85,15 @@ def test_unknown_impl_is_refused():
 
 
 def test_default_impl_policy():
-    assert ops.DEFAULT_IMPL in ops.IMPLEMENTATIONS
-    expected = ops.DEFAULT_IMPL if jax.default_backend() == "cpu" else "xla"
-    assert ops.best_impl() == expected
+    """"auto" = matmuls on CPU up to 32 channels, XLA's convolution for wider layers and other backends."""
+    assert ops.best_impl() == ops.DEFAULT_IMPL == "auto"
+    for channels in (32, 48):
+        x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
+        jaxpr = str(jax.make_jaxpr(lambda a, k: ops.conv3d(a, k, bias, impl="auto"))(x, kernel))
+        uses_xla_conv = "conv_general_dilated" in jaxpr
+        assert uses_xla_conv == (channels > 32 or jax.default_backend() != "cpu")
+        np.testing.assert_allclose(ops.conv3d(x, kernel, bias, impl="auto"), ops.conv3d(x, kernel, bias, impl="xla"),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def model_value_and_grads(variant, impl, variables, x, projection):
