@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -44,41 +44,35 @@ class CAEMethod:
 
 
 @dataclasses.dataclass
-class MimecsMethod:
-    """MIMECS sparse coding over an atlas of subjects with both contrasts."""
+class BaselineMethod:
+    """A baseline fitted on subjects with both contrasts: model = fit(sources, targets, masks), then
+    prediction = apply(model, source, mask)."""
 
-    atlas_subjects: list
-    name: str = "MIMECS"
-
-    def __post_init__(self):
-        from mrijax.baselines import mimecs
-
-        s = self.atlas_subjects
-        self._atlas = mimecs.build_atlas([x.source for x in s], [x.target for x in s], [x.mask for x in s])
-
-    def predict(self, source, mask):
-        from mrijax.baselines import mimecs
-
-        return mimecs.mimecs_synthesize(self._atlas, source, mask)
-
-
-@dataclasses.dataclass
-class LUTMethod:
-    """Global intensity look-up table (conditional mean of target given source) fitted on subjects."""
-
+    name: str
+    fit: Callable
+    apply: Callable
     train_subjects: list
-    name: str = "LUT"
 
     def __post_init__(self):
-        from mrijax.baselines import lut
-
         s = self.train_subjects
-        self._lut = lut.fit_lut([x.source for x in s], [x.target for x in s], [x.mask for x in s])
+        self._model = self.fit([x.source for x in s], [x.target for x in s], [x.mask for x in s])
 
     def predict(self, source, mask):
-        from mrijax.baselines import lut
+        return self.apply(self._model, source, mask)
 
-        return lut.apply_lut(self._lut, source, mask)
+
+def LUTMethod(train_subjects) -> BaselineMethod:
+    """Global intensity look-up table (conditional mean of target given source)."""
+    from mrijax.baselines import lut
+
+    return BaselineMethod("LUT", lut.fit_lut, lut.apply_lut, train_subjects)
+
+
+def MimecsMethod(atlas_subjects) -> BaselineMethod:
+    """MIMECS sparse coding over an atlas of subjects."""
+    from mrijax.baselines import mimecs
+
+    return BaselineMethod("MIMECS", mimecs.build_atlas, mimecs.mimecs_synthesize, atlas_subjects)
 
 
 def timed_predict(method, source, mask):
