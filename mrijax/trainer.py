@@ -11,6 +11,7 @@ every epoch to its local devices and pmap spans all devices. Only process 0 writ
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -90,7 +91,6 @@ class Trainer:
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self.variant = models.get_config(config.variant)
         if config.dropout:
-            import dataclasses
             self.variant = dataclasses.replace(self.variant, dropout=config.dropout)
         n_proc, n_local = jax.process_count(), jax.local_device_count()
         if config.batch_size % (n_proc * n_local):
@@ -115,9 +115,9 @@ class Trainer:
         return training.create_train_state(self.variant, lr=c.lr, seed=c.seed, impl=c.impl,
                                            compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay)
 
-    def _batches(self, records, epoch, shuffle, batch_size, drop_remainder):
+    def _batches(self, subjects, records, epoch, shuffle, batch_size, drop_remainder):
         return data.patch_dataset(
-            self.train_subjects if records is self.train_records else self.val_subjects, records,
+            subjects, records,
             self.in_shape, self.out_shape, batch_size=batch_size, seed=self.config.seed, epoch=epoch,
             shuffle=shuffle, shard_index=jax.process_index(), shard_count=jax.process_count(),
             drop_remainder=drop_remainder)
@@ -131,7 +131,7 @@ class Trainer:
         if self.config.max_val_batches:
             n_batches = min(n_batches, self.config.max_val_batches)
         sq, count = 0.0, 0.0
-        it = iter(self._batches(self.val_records, 0, False, self.local_batch, False))
+        it = iter(self._batches(self.val_subjects, self.val_records, 0, False, self.local_batch, False))
         for _ in range(n_batches):
             batch = next(it, None)
             source = np.zeros((self.local_batch, *self.in_shape, 1), np.float32)
@@ -181,7 +181,7 @@ class Trainer:
             for epoch in range(start_step // self.steps_per_epoch, c.epochs):
                 skip = start_step - epoch * self.steps_per_epoch if epoch == start_step // self.steps_per_epoch else 0
                 t0, losses = time.perf_counter(), []
-                it = iter(self._batches(self.train_records, epoch, True, self.local_batch, True))
+                it = iter(self._batches(self.train_subjects, self.train_records, epoch, True, self.local_batch, True))
                 bar = tqdm(total=self.steps_per_epoch, initial=max(skip, 0), disable=not self.progress,
                            desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False)
                 for b in range(self.steps_per_epoch):
