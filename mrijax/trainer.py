@@ -72,11 +72,6 @@ def _local_replica(tree):
     return jax.tree_util.tree_map(first, tree)
 
 
-def _host_state(rstate):
-    """The replicated train state as one host copy (numpy leaves), for saving and exporting."""
-    return _local_replica(rstate)
-
-
 class Trainer:
     """Holds what one training run needs; `fit()` runs it. Pure steps live in `mrijax.training`."""
 
@@ -201,7 +196,7 @@ class Trainer:
                        "val_mse": val_mse, "seconds": seconds,
                        "patches_per_s": len(losses) * c.batch_size * patch_equiv / seconds}
                 history.append(row)
-                host_state = _host_state(rstate)
+                host_state = _local_replica(rstate)
                 checkpoint.save_state(manager, host_state, {"epoch": epoch, "config": c.to_dict()})
                 if val_mse < best:  # every process: orbax synchronises them while saving
                     best = val_mse
@@ -212,7 +207,7 @@ class Trainer:
                 self.log(f"epoch {epoch + 1}/{c.epochs}  train_mse {train_mse:.5f}  val_mse {val_mse:.5f}  "
                          f"{seconds:.0f}s  {row['patches_per_s']:.1f} patches/s")
         except KeyboardInterrupt:
-            host_state = _host_state(rstate)
+            host_state = _local_replica(rstate)
             step = int(host_state.step)
             checkpoint.save_state(manager, host_state, {"epoch": step // self.steps_per_epoch, "config": c.to_dict()})
             self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
