@@ -37,6 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float)
     p.add_argument("--crop", type=int, help="output block edge (16 = the paper's patches; larger = dense)")
     p.add_argument("--patch-step", type=int, help="grid step of block centres (paper: 16; default: = crop)")
+    p.add_argument("--jitter", type=int, help="augmentation: random shift of block centres, voxels per axis")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="augmentation: add left-right mirrored training subjects (--no-flip: off)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="convolution input precision")
     p.add_argument("--impl", help="convolution implementation (see mrijax.ops)")
     p.add_argument("--weight-decay", type=float, help="L2 penalty on kernels")
@@ -49,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     cli.add_distributed_flags(p)
     args = p.parse_args(argv)
+    if args.jitter is not None and args.jitter < 0:
+        p.error(f"--jitter must be >= 0, got {args.jitter}")
     for name in ("epochs", "batch_size", "crop", "patch_step"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -69,7 +75,8 @@ def main(argv=None):
     config = PRESETS[args.preset].replace(
         variant=args.variant, source=args.source, target=args.target, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, crop=args.crop, patch_step=args.patch_step, seed=args.seed,
-        compute_dtype=args.dtype, impl=args.impl, weight_decay=args.weight_decay, dropout=args.dropout)
+        compute_dtype=args.dtype, impl=args.impl, weight_decay=args.weight_decay, dropout=args.dropout,
+        jitter=args.jitter, flip=args.flip, schedule=args.schedule)
     root = args.data or data.ensure_phantom_dataset()
     subjects = data.load_subjects(root, source=config.source, target=config.target)
     val = int(args.val_subjects) if args.val_subjects.isdigit() else args.val_subjects.split(",")

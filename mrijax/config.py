@@ -27,12 +27,21 @@ class TrainConfig:
     impl: str | None = None  # convolution implementation (None: mrijax.ops.DEFAULT_IMPL)
     weight_decay: float = 0.0  # L2 on kernels (regularisation study)
     dropout: float = 0.0  # dropout before hidden convs (regularisation study)
+    jitter: int = 0  # augmentation: shift block centres by up to this many voxels per axis, anew each epoch
+    flip: bool = False  # augmentation: add left-right mirrored copies of the training subjects
+    schedule: str = "constant"  # learning rate: "constant" (the paper) or "cosine" decay to 0 over all epochs
     max_steps_per_epoch: int | None = None  # cap, for smoke runs
     max_val_batches: int | None = None  # cap, for smoke runs
 
     @property
     def step(self) -> int:
         return self.patch_step or self.crop
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule {self.schedule!r}: choose constant or cosine")
+        if self.jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -45,9 +54,10 @@ PRESETS: dict[str, TrainConfig] = {
     # Seconds: proves the whole path (tests, CI).
     "smoke": TrainConfig(epochs=2, batch_size=2, crop=16, max_steps_per_epoch=3, max_val_batches=2),
     # Minutes on 2 CPU cores: dense crops; the README's main job.
-    "quick": TrainConfig(epochs=6, batch_size=4, crop=32, lr=2e-3),
+    "quick": TrainConfig(epochs=6, batch_size=4, crop=32, lr=2e-3, jitter=16, flip=True, schedule="cosine"),
     # The paper's protocol: 60 epochs, batch 32 of 38^3 -> 16^3 patches on a step-16 grid, Adam 1e-3, MSE.
     "paper": TrainConfig(epochs=60, batch_size=32, crop=16, lr=1e-3),
-    # What the shipped models were trained with (see README): dense 32^3 crops tiling the brain each epoch.
-    "ship": TrainConfig(epochs=60, batch_size=4, crop=32, lr=1e-3),
+    # What the shipped models are trained with (see README): dense 48^3 crops (70^3 inputs for base) tiling
+    # the brain, cut at new random offsets each epoch, left-right mirrored subjects added, cosine decay.
+    "ship": TrainConfig(epochs=26, batch_size=2, crop=48, lr=1e-3, jitter=24, flip=True, schedule="cosine"),
 }

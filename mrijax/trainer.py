@@ -94,7 +94,9 @@ class Trainer:
         self.local_batch = config.batch_size // n_proc
         self.out_shape = (config.crop,) * 3
         self.in_shape = models.input_shape(self.variant, config.crop)
-        self.train_records = data.patch_records(train_subjects, config.step)
+        # Training reads mirrored copies too when augmenting; `train_subjects` stays the real ones (metadata).
+        self.fit_subjects = list(train_subjects) + ([data.mirrored(s) for s in train_subjects] if config.flip else [])
+        self.train_records = data.patch_records(self.fit_subjects, config.step)
         self.val_records = data.patch_records(val_subjects, config.step) if val_subjects else None
         per_process = len(self.train_records) // n_proc
         self.steps_per_epoch = per_process // self.local_batch
@@ -107,8 +109,10 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------------------
     def new_state(self):
         c = self.config
+        decay_steps = c.epochs * self.steps_per_epoch if c.schedule == "cosine" else None
         return training.create_train_state(self.variant, lr=c.lr, seed=c.seed, impl=c.impl,
-                                           compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay)
+                                           compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay,
+                                           decay_steps=decay_steps)
 
     def _batches(self, subjects, records, epoch, shuffle, batch_size, drop_remainder):
         return data.patch_dataset(
@@ -151,7 +155,7 @@ class Trainer:
         history = []
         if resume and manager.latest_step() is not None:
             state, meta = checkpoint.restore_state(manager, state)
-            same = lambda d: {k: v for k, v in d.items() if k != "epochs"}
+            same = lambda d: {k: v for k, v in d.items() if k not in ("epochs", "impl")}  # impl: same numbers
             if same(meta.get("config", {})) != same(json.loads(json.dumps(c.to_dict()))):
                 raise ValueError(f"--resume: {self.workdir} was trained with another configuration; "
                                  "use the same flags or a new --workdir")
@@ -176,7 +180,8 @@ class Trainer:
             for epoch in range(start_step // self.steps_per_epoch, c.epochs):
                 skip = start_step - epoch * self.steps_per_epoch if epoch == start_step // self.steps_per_epoch else 0
                 t0, losses = time.perf_counter(), []
-                it = iter(self._batches(self.train_subjects, self.train_records, epoch, True, self.local_batch, True))
+                records = data.jitter_records(self.train_records, c.jitter, data.epoch_seed(c.seed + 1, epoch))
+                it = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True))
                 bar = tqdm(total=self.steps_per_epoch, initial=max(skip, 0), disable=not self.progress,
                            desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False)
                 for b in range(self.steps_per_epoch):

@@ -35,21 +35,26 @@ class TrainState(struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def make_optimizer(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """Adam (the paper); `weight_decay` adds an L2 penalty's gradient on kernels (regularisation study)."""
+def make_optimizer(lr: float, weight_decay: float = 0.0, decay_steps: int | None = None) -> optax.GradientTransformation:
+    """Adam (the paper); `weight_decay` adds an L2 penalty's gradient on kernels (regularisation study).
+
+    `decay_steps` switches the constant learning rate (the paper) to a cosine decay to zero over that many
+    steps: with a fixed compute budget the last, small steps settle the weights instead of hopping.
+    """
     def kernels_only(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in jax.tree_util.keystr(path), params)
 
     parts = [optax.add_decayed_weights(weight_decay, mask=kernels_only)] if weight_decay else []
-    return optax.chain(*parts, optax.adam(lr))
+    rate = optax.cosine_decay_schedule(lr, decay_steps) if decay_steps else lr
+    return optax.chain(*parts, optax.adam(rate))
 
 
 def create_train_state(variant: str | models.CAEConfig = "base", *, lr: float = 1e-3, seed: int = 0,
                        impl: str | None = None, compute_dtype=jnp.float32, weight_decay: float = 0.0,
-                       bn_axis_name: str | None = AXIS) -> TrainState:
+                       decay_steps: int | None = None, bn_axis_name: str | None = AXIS) -> TrainState:
     """A fresh state; `bn_axis_name` must match the pmap axis (None for a plain, unmapped step)."""
     model, tx = _model_and_optimizer(models.get_config(variant), impl or ops.DEFAULT_IMPL, jnp.dtype(compute_dtype),
-                                     bn_axis_name, lr, weight_decay)
+                                     bn_axis_name, lr, weight_decay, decay_steps)
     variables = models.init_variables(variant, seed)
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
@@ -57,10 +62,10 @@ def create_train_state(variant: str | models.CAEConfig = "base", *, lr: float = 
 
 
 @functools.lru_cache(maxsize=32)
-def _model_and_optimizer(config, impl, compute_dtype, bn_axis_name, lr, weight_decay):
+def _model_and_optimizer(config, impl, compute_dtype, bn_axis_name, lr, weight_decay, decay_steps):
     """Cached so that equal settings give identical static state fields and reuse compiled steps."""
     model = models.build_model(config, impl=impl, compute_dtype=compute_dtype, bn_axis_name=bn_axis_name)
-    return model, make_optimizer(lr, weight_decay)
+    return model, make_optimizer(lr, weight_decay, decay_steps)
 
 
 def mse_loss(prediction, target):

@@ -190,3 +190,39 @@ def test_every_real_subject_loads_with_a_brain_mask(real_subjects, shared_data_d
         assert counts[subject.id] > 0
         print(f"{subject.id}: grid {subject.mask.shape}, {int(subject.mask.sum())} brain voxels, "
               f"{counts[subject.id]} patches at step 16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_jitter_records_shifts_every_centre_within_bounds_reproducibly(subjects):
+    from mrijax.data import jitter_records
+
+    records = patch_records(subjects, step=8)
+    shifted = jitter_records(records, 4, seed=7)
+    np.testing.assert_array_equal(shifted[:, 0], records[:, 0])  # subject index untouched
+    delta = shifted[:, 1:] - records[:, 1:]
+    assert np.abs(delta).max() <= 4 and delta.min() == -4 and delta.max() == 4  # whole range used
+    assert len(np.unique(delta, axis=0)) > len(delta) // 2  # per-record, not one global shift
+    np.testing.assert_array_equal(jitter_records(records, 4, seed=7), shifted)
+    assert not np.array_equal(jitter_records(records, 4, seed=8), shifted)
+    np.testing.assert_array_equal(jitter_records(records, 0, seed=7), records)
+    # a shifted record still cuts its blocks around one centre: the target stays the source's middle
+    index, *centre = shifted[0]
+    volume = subjects[index].source
+    np.testing.assert_array_equal(extract_patch(volume, centre, (38,) * 3)[11:27, 11:27, 11:27],
+                                  extract_patch(volume, centre, (16,) * 3))
+
+
+def test_mirrored_subject_is_the_left_right_flip_of_every_array(synthetic_dataset):
+    from mrijax.data import mirrored
+
+    subject = load_subjects(synthetic_dataset)[0]
+    flipped = mirrored(subject)
+    assert flipped.id == f"{subject.id}~flip0"
+    for name in ("source", "target", "mask"):
+        original, mirror = getattr(subject, name), getattr(flipped, name)
+        np.testing.assert_array_equal(mirror, original[::-1])
+        assert mirror.flags.c_contiguous
+    np.testing.assert_array_equal(mirrored(flipped).source, subject.source)  # an involution; original untouched

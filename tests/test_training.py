@@ -140,3 +140,34 @@ def test_block_mse_scores_whole_volume_predictions_over_the_validation_blocks(ph
     expected = np.mean([np.mean(data.extract_patch(subjects[i].target, c, (16, 16, 16)) ** 2)
                         for i, *c in records])
     np.testing.assert_allclose(block_mse(zeros, subjects, records, (16, 16, 16)), expected, rtol=1e-6)
+
+
+def test_cosine_schedule_decays_the_step_size_to_zero():
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.ones(3)}
+
+    def step_sizes(tx, n):
+        state, sizes = tx.init(params), []
+        for _ in range(n):
+            updates, state = tx.update(grads, state, params)
+            sizes.append(float(jnp.abs(updates["w"][0])))
+        return sizes
+
+    constant = step_sizes(training.make_optimizer(1e-2), 10)
+    cosine = step_sizes(training.make_optimizer(1e-2, decay_steps=10), 10)
+    np.testing.assert_allclose(constant, 1e-2, rtol=1e-3)  # Adam on a constant gradient: steps of size lr
+    np.testing.assert_allclose(cosine[0], 1e-2, rtol=1e-3)
+    assert all(a > b for a, b in zip(cosine, cosine[1:])) and cosine[-1] < 0.03 * 1e-2
+
+
+def test_augmented_trainer_reads_mirrored_subjects_and_new_blocks_each_epoch(phantom_subjects, tmp_path):
+    config = PRESETS["smoke"].replace(variant="narrow", flip=True, jitter=4, schedule="cosine")
+    train, val = split_subjects(phantom_subjects, 1)
+    run = Trainer(config, train, val, tmp_path, progress=False, log=lambda *a: None)
+    plain = Trainer(PRESETS["smoke"].replace(variant="narrow"), train, val, tmp_path / "plain", progress=False)
+    assert [s.id for s in run.train_subjects] == [s.id for s in train]  # metadata names the real subjects
+    mirrors = [data.mirrored(s) for s in train]
+    assert [s.id for s in run.fit_subjects] == [s.id for s in train + mirrors]
+    assert len(run.train_records) == len(plain.train_records) + len(data.patch_records(mirrors, config.step))
+    result = run.fit()
+    assert len(result["history"]) == config.epochs and all(np.isfinite(h["train_mse"]) for h in result["history"])

@@ -51,6 +51,19 @@ def patch_records(subjects: Sequence, step: int = 16) -> np.ndarray:
     return np.concatenate(blocks, axis=0).astype(np.int32) if blocks else np.zeros((0, 4), np.int32)
 
 
+def jitter_records(records: np.ndarray, max_shift: int, seed: int) -> np.ndarray:
+    """Records with every centre moved by a uniform integer shift in [-max_shift, max_shift] per axis.
+
+    Training augmentation: drawn anew each epoch (seed from `epoch_seed`), so blocks are cut at new
+    places and a small dataset yields more distinct samples; same seed -> same shifts (exact resume).
+    """
+    records = np.asarray(records, dtype=np.int32).reshape(-1, 4)
+    if max_shift <= 0:
+        return records
+    shifts = np.random.default_rng(seed).integers(-max_shift, max_shift + 1, size=(len(records), 3), dtype=np.int32)
+    return np.concatenate([records[:, :1], records[:, 1:] + shifts], axis=1)
+
+
 def patch_counts(subjects: Sequence, step: int = 16) -> dict[str, int]:
     """Number of training patches per subject id at this grid step."""
     return {subject.id: len(patch_centres(subject.mask, step)) for subject in subjects}

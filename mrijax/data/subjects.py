@@ -38,6 +38,17 @@ class Subject:
     paths: dict[str, Path | None]
 
 
+def mirrored(subject: Subject, axis: int = 0) -> Subject:
+    """The subject flipped along one canonical axis (0 = left-right in RAS+), as a training augmentation.
+
+    Brains are roughly left-right symmetric, so the mirror image is a plausible new subject with the same
+    source -> target relation. Its id gets a "~flip<axis>" suffix; arrays are copies.
+    """
+    flip = lambda a: None if a is None else np.ascontiguousarray(np.flip(a, axis))
+    return dataclasses.replace(subject, id=f"{subject.id}~flip{axis}", source=flip(subject.source),
+                               target=flip(subject.target), mask=flip(subject.mask))
+
+
 def _find_nifti(folder: Path, stem: str) -> Path | None:
     for suffix in NIFTI_SUFFIXES:
         candidate = folder / f"{stem}{suffix}"
