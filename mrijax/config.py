@@ -54,7 +54,7 @@ PRESETS: dict[str, TrainConfig] = {
     # Seconds: proves the whole path (tests, CI).
     "smoke": TrainConfig(epochs=2, batch_size=2, crop=16, max_steps_per_epoch=3, max_val_batches=2),
     # Minutes on 2 CPU cores: dense crops; the README's main job.
-    "quick": TrainConfig(epochs=6, batch_size=4, crop=32, lr=2e-3, jitter=16, flip=True, schedule="cosine"),
+    "quick": TrainConfig(epochs=6, batch_size=4, crop=32, lr=2e-3, jitter=16, schedule="cosine"),
     # The paper's protocol: 60 epochs, batch 32 of 38^3 -> 16^3 patches on a step-16 grid, Adam 1e-3, MSE.
     "paper": TrainConfig(epochs=60, batch_size=32, crop=16, lr=1e-3),
     # What the shipped models are trained with (see README): dense 48^3 crops (70^3 inputs for base) tiling
