@@ -19,7 +19,7 @@ SHAPES = [
     (1, 11, 7, 9, 48, 48),
     (1, 40, 24, 20, 32, 32),
 ]
-BF16_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[4]]
+BF16_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4]]
 
 
 def relative_error(got, want):
@@ -85,15 +85,29 @@ def test_unknown_impl_is_refused():
 
 
 def test_default_impl_policy():
-    """"auto" = matmuls on CPU up to 32 channels, XLA's convolution for wider layers and other backends."""
+    """"auto" = on CPU the faster measured matmul form per layer (never XLA's convolution), XLA's elsewhere."""
     assert ops.best_impl() == ops.DEFAULT_IMPL == "auto"
+    assert ops.cpu_choice(1, 32, jnp.float32) == ops.cpu_choice(32, 1, jnp.float32) == "cm"
+    assert ops.cpu_choice(32, 32, jnp.float32) == ops.cpu_choice(48, 48, jnp.float32) == "matmul"
+    assert all(ops.cpu_choice(i, o, jnp.bfloat16) == "cm" for i, o in [(1, 32), (32, 32), (48, 48), (32, 1)])
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
         jaxpr = str(jax.make_jaxpr(lambda a, k: ops.conv3d(a, k, bias, impl="auto"))(x, kernel))
         uses_xla_conv = "conv_general_dilated" in jaxpr
-        assert uses_xla_conv == (channels > 32 or jax.default_backend() != "cpu")
+        assert uses_xla_conv == (jax.default_backend() != "cpu")
         np.testing.assert_allclose(ops.conv3d(x, kernel, bias, impl="auto"), ops.conv3d(x, kernel, bias, impl="xla"),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channel_major_transpose_is_exact(dtype):
+    """The identity product that stands in for a transpose ("cm") returns every value bit for bit."""
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 4, 5, 48)) * jnp.logspace(-30, 30, 48)
+    x = x.astype(dtype)
+    got = jax.jit(ops._to_channel_major)(x)
+    want = x.reshape(-1, 48).T
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def model_value_and_grads(variant, impl, variables, x, projection):
