@@ -5,6 +5,7 @@
     python experiments/bench.py --mode train --variant base --batch 1 --output 48   # one dense 48^3 crop
     python experiments/bench.py --mode infer --variant base --shape 96 96 96 --compare
     python experiments/bench.py --mode synthesize --shape 96 112 96
+    python experiments/bench.py --mode train --variant base --batch 8 --hugepages --compare   # both with THP malloc
 
 Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch
 geometry (16^3 output), the same work as `torch_cae.py`. Infer: one eval-mode forward on an input of the given
@@ -32,6 +33,7 @@ from mrijax import models, ops, training
 TORCH_REFERENCE = os.environ.get("MRIJAX_TORCH_CAE", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                                   "bench", "torch_cae.py"))
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: malloc asks for transparent huge pages (madvise)
 
 
 def machine_info() -> dict:
@@ -42,7 +44,8 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-            "cpu": cpu, "cores": os.cpu_count()}
+            "cpu": cpu, "cores": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def timed(fn, *args):
@@ -59,16 +62,17 @@ def bench_train(args) -> dict:
     state = training.create_train_state(args.variant, impl=args.impl, compute_dtype=DTYPES[args.dtype],
                                         bn_axis_name=None)
     step = jax.jit(training.train_step, donate_argnums=0)
-    times = []
+    times, faults = [], []
     for i in range(args.steps + 1):
-        start = time.perf_counter()
+        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics["loss"])
         if i:  # step 0 compiles
             times.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     median = float(np.median(times))
     return {"mode": "train", "input_shape": list(edge), "output": args.output, "batch": args.batch,
-            "steps": args.steps, "median_step_seconds": median,
+            "steps": args.steps, "median_step_seconds": median, "page_faults_per_step": int(np.median(faults)),
             "train_patches_per_s": args.batch * (args.output / 16) ** 3 / median}
 
 
@@ -122,7 +126,14 @@ def main():
     p.add_argument("--impl", default=ops.best_impl(), choices=sorted(ops.IMPLEMENTATIONS))
     p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
     p.add_argument("--compare", action="store_true", help="also run torch_cae.py and print the ratio")
+    p.add_argument("--hugepages", action="store_true",
+                   help="re-run this benchmark (and the PyTorch reference, which inherits the environment) with "
+                        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1: XLA allocates its large buffers afresh every step, "
+                        "and first-touch faults of 4 KiB pages cost ~0.5 s of a base step here")
     args = p.parse_args()
+    if args.hugepages and HUGE_PAGES not in os.environ.get("GLIBC_TUNABLES", ""):
+        tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGE_PAGES) if t)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
     if args.compare and (args.mode == "synthesize" or args.output != 16):
         p.error("--compare is for train (16^3 patches) and infer")
 
