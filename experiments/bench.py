@@ -10,7 +10,8 @@
 Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch
 geometry (16^3 output), the same work as `torch_cae.py`. Infer: one eval-mode forward on an input of the given
 shape (VALID output). `--compare` runs the reference `torch_cae.py` with the same flags in a subprocess of the
-same python right after, and prints the ratio mrijax / pytorch.
+same python right after (f32 and bf16 autocast by default, see --torch-dtypes), and prints the ratios
+mrijax / pytorch.
 """
 from __future__ import annotations
 
@@ -103,8 +104,8 @@ def bench_synthesize(args) -> dict:
             "voxels_per_s": float(np.prod(args.shape)) / second, "peak_rss_mib": peak_mib}
 
 
-def run_torch(args) -> dict:
-    cmd = [sys.executable, TORCH_REFERENCE, "--variant", args.variant, "--dtype", args.dtype]
+def run_torch(args, dtype: str) -> dict:
+    cmd = [sys.executable, TORCH_REFERENCE, "--variant", args.variant, "--dtype", dtype]
     if args.mode == "infer":
         cmd += ["--infer", *map(str, args.shape)]
     else:
@@ -125,7 +126,9 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--impl", default=ops.best_impl(), choices=sorted(ops.IMPLEMENTATIONS))
     p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
-    p.add_argument("--compare", action="store_true", help="also run torch_cae.py and print the ratio")
+    p.add_argument("--compare", action="store_true", help="also run torch_cae.py and print the ratios")
+    p.add_argument("--torch-dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
+                   help="--compare: PyTorch runs, one per dtype, right after the mrijax run")
     p.add_argument("--hugepages", action="store_true",
                    help="re-run this benchmark (and the PyTorch reference, which inherits the environment) with "
                         "GLIBC_TUNABLES=glibc.malloc.hugetlb=1: XLA allocates its large buffers afresh every step, "
@@ -142,12 +145,16 @@ def main():
     rec.update(run(args))
     print(json.dumps(rec), flush=True)
     if args.compare:
-        ref = run_torch(args)
-        print(json.dumps(ref), flush=True)
         key = "train_patches_per_s" if args.mode == "train" else "output_voxels_per_s"
-        print(json.dumps({"ratio_mrijax_over_pytorch": rec[key] / ref[key], "metric": key, "mode": args.mode,
-                          "variant": args.variant, "mrijax": f"{args.impl}/{args.dtype}",
-                          "pytorch": ref["dtype"]}), flush=True)
+        ratios = {}
+        for dtype in args.torch_dtypes:
+            ref = run_torch(args, dtype)
+            ref["loadavg_1min"] = os.getloadavg()[0]
+            print(json.dumps(ref), flush=True)
+            ratios[f"pytorch_{dtype}"] = ref[key]
+            ratios[f"ratio_over_pytorch_{dtype}"] = rec[key] / ref[key]
+        print(json.dumps({"mode": args.mode, "variant": args.variant, "mrijax": f"{args.impl}/{args.dtype}",
+                          "metric": key, "mrijax_value": rec[key], **ratios}), flush=True)
 
 
 if __name__ == "__main__":
