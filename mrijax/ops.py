@@ -147,12 +147,15 @@ conv3d_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 # ----------------------------------------------------------------------------------------------------------
 # Channel-major matmul formulation ("cm")
 #
-# Activations are transposed once to (C, B, D, H, W). The shifted copies ("columns") are then concatenated
-# along the major axis, i.e. every copy is a plain box copy with W-contiguous runs, and every product has its
-# long voxel axis as the minor (lane) axis of both the columns and the result: (N, K) @ (K, M) for values and
-# input gradients, (K, M) @ (M, N)^T for kernel gradients. Measured on a 2-core AVX-512 CPU (XLA:CPU, YNN dots,
-# bf16 inputs, f32 accumulation), these run at ~330-390 GFLOP/s where the channels-last (M, K) @ (K, N) and
-# its transposed-lhs kernel gradient ran at ~180 and ~50 GFLOP/s.
+# Activations are transposed once to (C, B*D*H*W) (`_to_channel_major`). Every voxel of that flat axis is treated
+# as an output position, so each tap is a flat offset and each shifted copy ("column" block) is one long
+# contiguous slice per channel row (`_shifted_rows`); positions whose window leaves the volume are computed and
+# cropped (~19% extra products at 36^3). Every product has the long voxel axis as the minor axis of both the
+# columns and the result: (N, K) @ (K, M) for values and input gradients, (K, M) @ (N, M)^T for kernel
+# gradients. Measured on a 2-core AVX-512 CPU (XLA:CPU, YNN dots, bf16 inputs, f32 accumulation), these run at
+# ~330-390 GFLOP/s where the channels-last (M, K) @ (K, N) and its transposed-lhs kernel gradient ran at ~180
+# and ~50 GFLOP/s. The price is whole-volume columns (9x the input) instead of cache-sized blocks: in f32 that
+# traffic makes "cm" slower than "matmul" for the hidden layers, so `cpu_choice` uses it there only for bf16.
 
 
 def cm_inner_axes(cin: int, cout: int) -> int:
@@ -194,7 +197,8 @@ def _to_channel_major(x):
 
     A plain transpose would be fused by XLA into each of the 9-27 shifted copies that read it, each then
     reading the channels-last input with a 2*C-byte stride (measured 7x slower than copying a channel-major
-    array); a product is never fused into its consumers, and at K = C it costs a few ms."""
+    array); a product is never fused into its consumers, and at K = C it costs a few ms. Exact for finite values;
+    a non-finite input value turns the whole voxel (all channels) NaN, which the convolution would spread anyway."""
     c = x.shape[-1]
     eye = jnp.eye(c, dtype=x.dtype)
     return lax.dot_general(eye, x.reshape(-1, c), (((1,), (1,)), ((), ())),
