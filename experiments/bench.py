@@ -29,12 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import mrijax
-from mrijax import models, ops, training
+from mrijax import cli, models, ops, training
 
 TORCH_REFERENCE = os.environ.get("MRIJAX_TORCH_CAE", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                                   "bench", "torch_cae.py"))
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: malloc asks for transparent huge pages (madvise)
 
 
 def machine_info() -> dict:
@@ -134,9 +133,8 @@ def main():
                         "GLIBC_TUNABLES=glibc.malloc.hugetlb=1: XLA allocates its large buffers afresh every step, "
                         "and first-touch faults of 4 KiB pages cost ~0.5 s of a base step here")
     args = p.parse_args()
-    if args.hugepages and HUGE_PAGES not in os.environ.get("GLIBC_TUNABLES", ""):
-        tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGE_PAGES) if t)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
+    if args.hugepages:
+        cli.use_huge_pages()
     if args.compare and (args.mode == "synthesize" or args.output != 16):
         p.error("--compare is for train (16^3 patches) and infer")
 

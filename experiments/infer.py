@@ -126,4 +126,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.use_huge_pages()
     cli.run(main)

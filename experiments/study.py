@@ -70,4 +70,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.use_huge_pages()
     cli.run(main)

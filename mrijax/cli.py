@@ -2,11 +2,34 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: malloc backs large blocks with transparent huge pages
+
+
+def use_huge_pages() -> None:
+    """Re-start this script once with glibc's huge-page malloc (no-op if set, off with MRIJAX_HUGEPAGES=0).
+
+    XLA:CPU allocates its large buffers afresh every step, and first-touch faults of 4 KiB pages cost ~0.5 s
+    of a ~1.8 s base training step on our CPU VMs (measured: 314k faults per step, ~1-3k with huge pages).
+    The tunable is read when the process starts, hence the re-exec; results are bit-identical.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (not sys.platform.startswith("linux") or HUGE_PAGES in tunables
+            or os.environ.get("MRIJAX_HUGEPAGES", "1") == "0"):
+        return
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGES) if t)}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, cluster schedulers) takes the Ctrl-C path: save, then exit
 
 
 def run(main) -> None:
     """Call main(); bad input (ValueError, missing files) becomes one 'error:' line and exit status 2."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main()
     except KeyboardInterrupt:

@@ -214,7 +214,9 @@ class Trainer:
         except KeyboardInterrupt:
             host_state = _local_replica(rstate)
             step = int(host_state.step)
-            checkpoint.save_state(manager, host_state, {"epoch": step // self.steps_per_epoch, "config": c.to_dict()})
+            if manager.latest_step() != step:  # interrupted right after an epoch's save: nothing new to save
+                checkpoint.save_state(manager, host_state, {"epoch": step // self.steps_per_epoch,
+                                                            "config": c.to_dict()})
             self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
             raise
         final = _local_replica({"params": rstate.params, "batch_stats": rstate.batch_stats})

@@ -89,3 +89,41 @@ def test_train_on_mismatched_grids_names_the_file(tmp_path):
     assert result.returncode == 2
     assert "sub-02_T2w.nii.gz" in result.stderr.strip().splitlines()[-1]
     assert "different grids" in result.stderr
+
+
+def test_huge_page_restart_sets_the_tunable_once_and_can_be_turned_off(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+                      "import os; from mrijax import cli\n"
+                      "cli.use_huge_pages(); print(os.environ.get('GLIBC_TUNABLES', ''))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("GLIBC_TUNABLES", "MRIJAX_HUGEPAGES")}
+    run = lambda extra: subprocess.run([sys.executable, str(script)], env={**env, **extra}, capture_output=True,
+                                       text=True, timeout=60).stdout.strip()
+    if sys.platform.startswith("linux"):
+        assert run({}) == "glibc.malloc.hugetlb=1"
+        assert run({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert run({"MRIJAX_HUGEPAGES": "0"}) == ""
+
+
+def test_sigterm_saves_the_training_state_like_ctrl_c(tmp_path, phantom_dataset):
+    """A killed run (scheduler, `kill`) saves where it stopped, so --resume can continue it."""
+    import os
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "train.py"), "--variant", "narrow",
+                             "--preset", "smoke", "--data", str(phantom_dataset), "--epochs", "500",
+                             "--workdir", str(workdir), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saved step" in out
+    saved = int(out.split("interrupted: saved step")[1].split()[0])
+    assert saved >= 3 and (workdir / "checkpoints" / str(saved)).is_dir()
