@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: malloc backs large blocks with transparent huge pages
@@ -23,13 +22,8 @@ def use_huge_pages() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (kill, cluster schedulers) takes the Ctrl-C path: save, then exit
-
-
 def run(main) -> None:
     """Call main(); bad input (ValueError, missing files) becomes one 'error:' line and exit status 2."""
-    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main()
     except KeyboardInterrupt:

@@ -11,9 +11,12 @@ every epoch to its local devices and pmap spans all devices. Only process 0 writ
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +73,35 @@ def _local_replica(tree):
         return shard[0] if shard.ndim == np.ndim(x) else shard
 
     return jax.tree_util.tree_map(first, tree)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training, Ctrl-C and SIGTERM (`kill`, cluster schedulers) only set a flag, checked between steps.
+
+    Raising from the signal handler itself can land anywhere (measured: inside an XLA garbage-collection
+    callback, where Python drops the exception), so the run instead stops at the next step boundary, saves
+    and exits. A second signal interrupts at once. Yields the list of signals received.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, previous in kept.items():
+        if previous is not signal.SIG_IGN:  # respect an ignored signal (nohup, background jobs)
+            signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, previous in kept.items():
+            signal.signal(s, previous)
 
 
 class Trainer:
@@ -176,49 +208,54 @@ class Trainer:
         rstate = training.replicate(state)
         best = min((h["val_mse"] for h in history), default=math.inf)
         patch_equiv = (c.crop / 16) ** 3  # one block = this many of the paper's 16^3 patches
-        try:
-            for epoch in range(start_step // self.steps_per_epoch, c.epochs):
-                skip = start_step - epoch * self.steps_per_epoch if epoch == start_step // self.steps_per_epoch else 0
-                t0, losses = time.perf_counter(), []
-                records = data.jitter_records(self.train_records, c.jitter, data.epoch_seed(c.seed + 1, epoch))
-                it = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True))
-                bar = tqdm(total=self.steps_per_epoch, initial=max(skip, 0), disable=not self.progress,
-                           desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False)
-                for b in range(self.steps_per_epoch):
-                    batch = next(it)
-                    if b < skip:
-                        continue
-                    rstate, m = p_train(rstate, training.shard_batch(batch))
-                    losses.append(m["loss"])
-                    bar.update(1)
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix_str(f"{len(losses) * c.batch_size * patch_equiv / elapsed:.1f} patches/s")
-                bar.close()
-                train_mse = float(np.mean([np.asarray(l)[0] for l in losses]))
-                seconds = time.perf_counter() - t0
-                val_mse = self.evaluate(rstate) if self.val_records is not None else float("nan")
-                row = {"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch, "train_mse": train_mse,
-                       "val_mse": val_mse, "seconds": seconds,
-                       "patches_per_s": len(losses) * c.batch_size * patch_equiv / seconds}
-                history.append(row)
+        with stop_requests() as stop:
+            try:
+                for epoch in range(start_step // self.steps_per_epoch, c.epochs):
+                    skip = start_step - epoch * self.steps_per_epoch if epoch == start_step // self.steps_per_epoch else 0
+                    t0, losses = time.perf_counter(), []
+                    records = data.jitter_records(self.train_records, c.jitter, data.epoch_seed(c.seed + 1, epoch))
+                    it = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True))
+                    bar = tqdm(total=self.steps_per_epoch, initial=max(skip, 0), disable=not self.progress,
+                               desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False)
+                    for b in range(self.steps_per_epoch):
+                        batch = next(it)
+                        if b < skip:
+                            continue
+                        rstate, m = p_train(rstate, training.shard_batch(batch))
+                        losses.append(m["loss"])
+                        bar.update(1)
+                        elapsed = time.perf_counter() - t0
+                        bar.set_postfix_str(f"{len(losses) * c.batch_size * patch_equiv / elapsed:.1f} patches/s")
+                        if stop:
+                            raise KeyboardInterrupt
+                    bar.close()
+                    train_mse = float(np.mean([np.asarray(l)[0] for l in losses]))
+                    seconds = time.perf_counter() - t0
+                    val_mse = self.evaluate(rstate) if self.val_records is not None else float("nan")
+                    row = {"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch, "train_mse": train_mse,
+                           "val_mse": val_mse, "seconds": seconds,
+                           "patches_per_s": len(losses) * c.batch_size * patch_equiv / seconds}
+                    history.append(row)
+                    host_state = _local_replica(rstate)
+                    checkpoint.save_state(manager, host_state, {"epoch": epoch, "config": c.to_dict()})
+                    if val_mse < best:  # every process: orbax synchronises them while saving
+                        best = val_mse
+                        checkpoint.export_model(self.workdir / "best", host_state.variables, self._model_meta(row))
+                    if jax.process_index() == 0:
+                        self._write_history(metrics_path, history)
+                        self._plot(history)
+                    self.log(f"epoch {epoch + 1}/{c.epochs}  train_mse {train_mse:.5f}  val_mse {val_mse:.5f}  "
+                             f"{seconds:.0f}s  {row['patches_per_s']:.1f} patches/s")
+                    if stop:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
                 host_state = _local_replica(rstate)
-                checkpoint.save_state(manager, host_state, {"epoch": epoch, "config": c.to_dict()})
-                if val_mse < best:  # every process: orbax synchronises them while saving
-                    best = val_mse
-                    checkpoint.export_model(self.workdir / "best", host_state.variables, self._model_meta(row))
-                if jax.process_index() == 0:
-                    self._write_history(metrics_path, history)
-                    self._plot(history)
-                self.log(f"epoch {epoch + 1}/{c.epochs}  train_mse {train_mse:.5f}  val_mse {val_mse:.5f}  "
-                         f"{seconds:.0f}s  {row['patches_per_s']:.1f} patches/s")
-        except KeyboardInterrupt:
-            host_state = _local_replica(rstate)
-            step = int(host_state.step)
-            if manager.latest_step() != step:  # interrupted right after an epoch's save: nothing new to save
-                checkpoint.save_state(manager, host_state, {"epoch": step // self.steps_per_epoch,
-                                                            "config": c.to_dict()})
-            self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
-            raise
+                step = int(host_state.step)
+                if manager.latest_step() != step:  # interrupted right after an epoch's save: nothing new to save
+                    checkpoint.save_state(manager, host_state, {"epoch": step // self.steps_per_epoch,
+                                                                "config": c.to_dict()})
+                self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
+                raise
         final = _local_replica({"params": rstate.params, "batch_stats": rstate.batch_stats})
         return {"history": history, "variables": final, "best_val_mse": best}
 
