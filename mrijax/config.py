@@ -59,5 +59,5 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=60, batch_size=32, crop=16, lr=1e-3),
     # What the shipped models are trained with (see README): dense 48^3 crops (70^3 inputs for base) tiling
     # the brain, cut at new random offsets each epoch, left-right mirrored subjects added, cosine decay.
-    "ship": TrainConfig(epochs=26, batch_size=2, crop=48, lr=1e-3, jitter=24, flip=True, schedule="cosine"),
+    "ship": TrainConfig(epochs=40, batch_size=2, crop=48, lr=1e-3, jitter=24, flip=True, schedule="cosine"),
 }

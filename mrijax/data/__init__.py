@@ -9,7 +9,8 @@ from mrijax.data.subjects import Subject, discover, load_subject, load_subjects,
 
 __all__ = [
     "DataError", "Volume", "check_same_grid", "load_volume", "save_like", "to_reference_orientation",
-    "epoch_seed", "extract_patch", "jitter_records", "num_batches", "patch_centres", "patch_counts", "patch_dataset", "patch_records",
+    "epoch_seed", "extract_patch", "jitter_records", "num_batches", "patch_centres", "patch_counts", "patch_dataset",
+    "patch_records",
     "default_phantom_dir", "ensure_phantom_dataset", "make_phantom_dataset", "simulate_subject",
     "brain_mask", "normalise",
     "Subject", "discover", "load_subject", "load_subjects", "mirrored",
