@@ -121,27 +121,31 @@ def _kernel_grad(x, dy):
     return grad.transpose(order)
 
 
-@jax.custom_vjp
-def conv3d_matmul(x, kernel):
-    return _conv_matmul_value(x, kernel)
+def _with_vjp(value, kernel_grad):
+    """A convolution with a hand-written backward from its VALID value function and its kernel gradient.
+
+    Input gradient = the full convolution of the output gradient = the same VALID convolution of the 2-padded
+    gradient with the flipped, in/out-swapped kernel, so it runs through the same fast products as the forward.
+    """
+    @jax.custom_vjp
+    def conv(x, kernel):
+        return value(x, kernel)
+
+    def forward(x, kernel):
+        return value(x, kernel), (x, kernel)
+
+    def backward(residuals, dy):
+        x, kernel = residuals
+        dy = dy.astype(x.dtype)
+        flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
+        dx = value(jnp.pad(dy, ((0, 0), (2, 2), (2, 2), (2, 2), (0, 0))), flipped)
+        return dx.astype(x.dtype), kernel_grad(x, dy).astype(kernel.dtype)
+
+    conv.defvjp(forward, backward)
+    return conv
 
 
-def _matmul_fwd(x, kernel):
-    return _conv_matmul_value(x, kernel), (x, kernel)
-
-
-def _matmul_bwd(residuals, dy):
-    x, kernel = residuals
-    dy = dy.astype(x.dtype)
-    # input gradient = full convolution = VALID conv of the 2-padded gradient with the flipped, transposed kernel
-    flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
-    dy_padded = jnp.pad(dy, ((0, 0), (2, 2), (2, 2), (2, 2), (0, 0)))
-    dx = _conv_matmul_value(dy_padded, flipped)
-    dk = _kernel_grad(x, dy)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-conv3d_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+conv3d_matmul = _with_vjp(_conv_matmul_value, _kernel_grad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,25 +275,7 @@ def _cm_kernel_grad(x, dy):
     return grad.transpose(order)
 
 
-@jax.custom_vjp
-def conv3d_cm(x, kernel):
-    return _cm_value(x, kernel)
-
-
-def _cm_fwd(x, kernel):
-    return _cm_value(x, kernel), (x, kernel)
-
-
-def _cm_bwd(residuals, dy):
-    x, kernel = residuals
-    dy = dy.astype(x.dtype)
-    flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
-    dx = _cm_value(jnp.pad(dy, ((0, 0), (2, 2), (2, 2), (2, 2), (0, 0))), flipped)
-    dk = _cm_kernel_grad(x, dy)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-conv3d_cm.defvjp(_cm_fwd, _cm_bwd)
+conv3d_cm = _with_vjp(_cm_value, _cm_kernel_grad)
 
 
 def cpu_choice(cin: int, cout: int, dtype) -> str:
