@@ -53,8 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     cli.add_distributed_flags(p)
     args = p.parse_args(argv)
-    if args.jitter is not None and args.jitter < 0:
-        p.error(f"--jitter must be >= 0, got {args.jitter}")
     for name in ("epochs", "batch_size", "crop", "patch_step"):
         value = getattr(args, name)
         if value is not None and value < 1:
