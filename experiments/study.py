@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--few-subjects", type=int,
                    help="training subjects of the dataset study's 'few' run (default: 1/8 of them, at least 1)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs for every model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="convolution input precision for every model (bfloat16: f32 accumulation, faster on CPU)")
     p.add_argument("--impl", help="convolution implementation (see mrijax.ops)")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of every epoch (quick checks)")
     p.add_argument("--baseline-mse", type=float, help="draw this validation MSE (e.g. MIMECS) on the curves")
@@ -58,7 +60,7 @@ def main(argv=None):
     subjects = data.load_subjects(root, source=args.source, target=args.target)
     val = int(args.val_subjects) if args.val_subjects.isdigit() else args.val_subjects.split(",")
     out = Path(args.out or REPO / "results" / "studies" / args.preset)
-    overrides = {"impl": args.impl, "max_steps_per_epoch": args.max_steps_per_epoch}
+    overrides = {"compute_dtype": args.dtype, "impl": args.impl, "max_steps_per_epoch": args.max_steps_per_epoch}
     names = studies.STUDY_NAMES if args.study == "all" else (args.study,)
     for name in names:
         result = studies.run_study(name, args.preset, subjects, val, out, args.epochs,

@@ -149,6 +149,14 @@ def synthesis_metrics(variables, subjects, impl: str | None = None) -> dict[str,
             for s in subjects}
 
 
+def lut_reference(train, val) -> dict[str, dict[str, float]]:
+    """The intensity look-up table fitted on `train`, scored like the CAEs on `val`: the bar context must beat."""
+    from mrijax.methods import LUTMethod
+
+    lut = LUTMethod(train)
+    return {s.id: metrics.evaluate(lut.predict(s.source, s.mask), s.target, s.mask) for s in val}
+
+
 def train_run(run: Run, config: TrainConfig, train, val, run_dir, *, baseline_mse=None, progress=False,
               log=print) -> dict:
     """Train one run into `run_dir` (or reuse/resume what is there) and return its record (run.json)."""
@@ -220,6 +228,8 @@ def report_markdown(result: dict) -> str:
         row = _row(r)
         lines.append(f"| {r['label']} | " + " | ".join(_fmt(row[c]) for c in training_cols) + f" | {r['note']} |")
     synth = {r["label"]: metrics.summarise(list(r["synthesis"].values())) for r in runs}
+    for name, per_subject in result.get("reference", {}).items():
+        synth[f"{name} (reference)"] = metrics.summarise(list(per_subject.values()))
     lines += ["", "## Whole-volume synthesis of the validation subjects (best model by validation MSE)", "",
               metrics.format_table(synth), f"![{result['study']}]({result['study']}.png)", ""]
     return "\n".join(lines)
@@ -246,7 +256,8 @@ def run_study(study: str | Study, preset: str, subjects, val, out_dir, epochs: i
                                  progress=progress, log=log))
     result = {"study": study.name, "question": study.question, "paper": study.paper, "preset": preset,
               "val_subjects": records[0]["val_subjects"], "subjects": [s.id for s in subjects],
-              "seconds": time.perf_counter() - t0, "runs": records}
+              "seconds": time.perf_counter() - t0, "runs": records,
+              "reference": {"LUT": lut_reference(*split_subjects(subjects, val))}}
     plotting.plot_loss_curves({r["label"]: r["history"] for r in records}, out_dir / f"{study.name}.png",
                               baseline_mse=baseline_mse, title=f"{study.name} study ({preset})")
     (out_dir / f"{study.name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import mrijax
-from mrijax import data, studies
+from mrijax import data, metrics, studies
+from mrijax.baselines.lut import apply_lut, fit_lut
 from mrijax.config import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,12 @@ def test_study_outputs_are_complete_and_consistent(results, name):
         # the run's own training folder holds the same curve
         lines = (out / run.label / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["val_mse"] for line in lines] == [h["val_mse"] for h in record["history"]]
+    # the LUT reference: fitted on the training subjects, scored on the same validation subject as the CAEs
+    train, (val,) = subjects[:-1], subjects[-1:]
+    lut = fit_lut([s.source for s in train], [s.target for s in train], [s.mask for s in train])
+    expected = metrics.mse(apply_lut(lut, val.source, val.mask), val.target, val.mask)
+    assert doc["reference"]["LUT"][val.id]["mse"] == pytest.approx(expected, rel=1e-6)
+    assert "| LUT (reference) |" in markdown
 
 
 def test_runs_differ_as_the_studies_say(results):
