@@ -104,6 +104,15 @@ def stop_requests():
             signal.signal(s, previous)
 
 
+# Fields a resumed run may change: how long it runs and how its convolutions compute (the state is f32 either
+# way; impl gives the same numbers, compute_dtype rounds the convolution inputs differently from then on).
+RESUMABLE_CHANGES = ("epochs", "impl", "compute_dtype")
+
+
+def _run_defining(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+
+
 class Trainer:
     """Holds what one training run needs; `fit()` runs it. Pure steps live in `mrijax.training`."""
 
@@ -187,10 +196,12 @@ class Trainer:
         history = []
         if resume and manager.latest_step() is not None:
             state, meta = checkpoint.restore_state(manager, state)
-            same = lambda d: {k: v for k, v in d.items() if k not in ("epochs", "impl")}  # impl: same numbers
-            if same(meta.get("config", {})) != same(json.loads(json.dumps(c.to_dict()))):
+            stored = meta.get("config", {})
+            if _run_defining(stored) != _run_defining(json.loads(json.dumps(c.to_dict()))):
                 raise ValueError(f"--resume: {self.workdir} was trained with another configuration; "
                                  "use the same flags or a new --workdir")
+            if stored.get("compute_dtype", c.compute_dtype) != c.compute_dtype:
+                self.log(f"resuming with {c.compute_dtype} convolution inputs (was {stored['compute_dtype']})")
             start_step = int(state.step)
             history = [json.loads(line) for line in metrics_path.read_text().splitlines()] \
                 if metrics_path.exists() else []

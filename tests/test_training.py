@@ -86,13 +86,13 @@ def phantom_subjects(tmp_path_factory):
     return data.load_subjects(root)
 
 
-def _smoke_trainer(subjects, workdir, epochs=3):
+def _smoke_trainer(subjects, workdir, epochs=3, log=lambda *a: None, **changes):
     # Augmentation on: shifts and mirrors must be pure functions of (seed, epoch) for an exact resume. (The
     # schedule stays constant: `epochs` stands in for the interruption here, and a cosine spans all epochs.)
     config = PRESETS["smoke"].replace(variant="narrow", epochs=epochs, max_steps_per_epoch=2, max_val_batches=1,
-                                      jitter=4, flip=True)
+                                      jitter=4, flip=True).replace(**changes)
     train, val = split_subjects(subjects, 1)
-    return Trainer(config, train, val, workdir, progress=False, log=lambda *a: None)
+    return Trainer(config, train, val, workdir, progress=False, log=log)
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(phantom_subjects, tmp_path):
@@ -111,6 +111,17 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(phant
     # a second run into the same folder without --resume is refused rather than mixed
     with pytest.raises(ValueError, match="--resume"):
         _smoke_trainer(phantom_subjects, tmp_path / "cut").fit()
+
+
+def test_resume_may_change_precision_but_not_the_run(phantom_subjects, tmp_path):
+    _smoke_trainer(phantom_subjects, tmp_path, epochs=1).fit()
+    with pytest.raises(ValueError, match="another configuration"):
+        _smoke_trainer(phantom_subjects, tmp_path, epochs=2, lr=0.5).fit(resume=True)
+    logs = []
+    trainer = _smoke_trainer(phantom_subjects, tmp_path, epochs=2, log=logs.append, compute_dtype="bfloat16")
+    history = trainer.fit(resume=True)["history"]
+    assert [h["epoch"] for h in history] == [0, 1] and all(np.isfinite(h["val_mse"]) for h in history)
+    assert any("resuming with bfloat16" in line for line in logs)
 
 
 def _free_port():
