@@ -171,29 +171,30 @@ def cm_inner_axes(cin: int, cout: int) -> int:
     return 2  # K = 9 Cin, N = 3 Cout
 
 
-def _tap_offsets(shape, axes) -> list[int]:
-    """Flat offsets, on a (D, H, W) grid, of the 3^len(axes) taps of the given spatial axes (0=D, 1=H, 2=W)."""
-    strides = (shape[1] * shape[2], shape[2], 1)
-    return [sum(t * strides[a] for t, a in zip(taps, axes)) for taps in itertools.product(range(3), repeat=len(axes))]
-
-
 def _as_payload(x):
-    """Copies move 16-bit floats as integers: XLA:CPU copies bf16 elementwise through f32 (measured 10x slower)."""
-    return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+    """Copies move floats as same-width integers: XLA:CPU copies bf16 elementwise through f32 (measured 10x
+    slower), and its f32 concatenations were slower than u32 ones too."""
+    kind = {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return lax.bitcast_convert_type(x, kind) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
-def _shifted_rows(xf, offsets, length):
-    """Stack of xf[:, o:o + length] for every offset along the row axis: (len(offsets) * rows, length).
-
-    Written as in-place updates of one buffer, each a long contiguous copy per row, 16-bit floats moved as
-    integers: measured ~2x faster than a concatenate and ~10x faster than copying bf16 (which XLA:CPU converts
-    elementwise). The bitcast back makes the last update write a fresh buffer, one extra copy."""
+def _tap_rows(xf, strides, length, reverse=False):
+    """Shifted copies of xf (C, L): rows (tap, c) = xf[c, o(tap) : o(tap) + length] for every tap of the axes
+    with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0, 1, 2; the first axis's tap outermost;
+    reverse: 2 - t_a). Built one axis at a time from the last: each stage is one stack of 3 shifted long
+    contiguous slices of the previous stage's rows, floats moved as integers. Measured ~2.5x faster than
+    writing the 9 shifted copies directly into one buffer, though it copies 12 rows per input row, not 9."""
+    if not strides:
+        return xf[:, :length]
     raw = _as_payload(xf)
-    rows = raw.shape[0]
-    buf = jnp.zeros((len(offsets) * rows, length), raw.dtype)
-    for i, o in enumerate(offsets):
-        buf = lax.dynamic_update_slice(buf, lax.slice_in_dim(raw, o, o + length, axis=1), (i * rows, 0))
-    return lax.bitcast_convert_type(buf, xf.dtype) if buf.dtype != xf.dtype else buf
+    extra = sum(2 * s for s in strides)
+    for stride in reversed(strides):
+        extra -= 2 * stride
+        size = length + extra
+        taps = (2, 1, 0) if reverse else (0, 1, 2)
+        raw = jnp.stack([lax.slice_in_dim(raw, t * stride, t * stride + size, axis=1) for t in taps]
+                        ).reshape(-1, size)
+    return lax.bitcast_convert_type(raw, xf.dtype) if raw.dtype != xf.dtype else raw
 
 
 def _to_channel_major(x):
@@ -218,64 +219,110 @@ def _cm_kernel_matrix(kernel, n_inner: int):
 
 
 def _cm_plan(grid, cin, cout):
-    """Inner/outer tap offsets on the flattened input grid and the lengths of the flat intermediates."""
+    """Flat strides of the inner (contraction) and outer (tap output) axes of a (D, H, W) grid, and the flat
+    offsets of the outer taps (outermost axis first, as in `_tap_rows` and `_cm_kernel_matrix`)."""
     n_inner = cm_inner_axes(cin, cout)
-    inner = _tap_offsets(grid, tuple(range(3 - n_inner, 3)))
-    outer = _tap_offsets(grid, tuple(range(3 - n_inner)))
-    return n_inner, inner, outer
+    strides = (grid[1] * grid[2], grid[2], 1)
+    inner, outer = strides[3 - n_inner:], strides[:3 - n_inner]
+    offsets = [sum(t * s for t, s in zip(taps, outer)) for taps in itertools.product(range(3), repeat=len(outer))]
+    return inner, outer, offsets
+
+
+def _flat_conv(xf, kernel, grid, out_length):
+    """out[co, p] = sum over taps t and ci of kernel[t, ci, co] * xf[ci, p + offset(t)], p < out_length, f32.
+
+    xf (Cin, L) is a flattened (., D, H, W) grid (given by `grid`), L >= out_length + the largest offset.
+    Inner taps are copied into the contraction (`_tap_rows`), outer taps are extra output rows summed with
+    shifted contiguous slices: one product (taps_out Cout, taps_in Cin) @ (taps_in Cin, length)."""
+    cin, cout = kernel.shape[3:]
+    inner, outer, offsets = _cm_plan(grid, cin, cout)
+    cols = _tap_rows(xf, inner, out_length + offsets[-1])
+    y = lax.dot_general(_cm_kernel_matrix(kernel, len(inner)), cols, (((1,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    out = None
+    for i, o in enumerate(offsets):
+        part = y[i * cout:(i + 1) * cout, o:o + out_length]
+        out = part if out is None else out + part
+    return out
+
+
+def _max_offset(grid) -> int:
+    return 2 * (grid[1] * grid[2] + grid[2] + 1)
 
 
 def _cm_value_t(xt, kernel):
-    """VALID conv, channel-major in and out: xt (Cin, B, D, H, W) -> f32 (Cout, B, D', H', W').
+    """VALID conv, channel-major in and out: xt (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2).
 
     Every voxel of the flattened (B, D, H, W) grid is an output position, so a tap is a flat offset: the
     columns are contiguous row slices and the outer-tap sum adds contiguous row slices. Positions whose
     window leaves the volume (or the sample) are computed too and cropped at the end (19% extra products
     for a 36^3 input, cheaper than the strided copies a VALID-only layout needs)."""
-    cin, cout = kernel.shape[3:]
+    cout = kernel.shape[4]
     c, b, d, h, w = xt.shape
     n = b * d * h * w
-    n_inner, inner, outer = _cm_plan((d, h, w), cin, cout)
-    xf = xt.reshape(c, n)
-    length = n - inner[-1]
-    cols = _shifted_rows(xf, inner, length) if n_inner else xf
-    y = lax.dot_general(_cm_kernel_matrix(kernel, n_inner), cols, (((1,), (0,)), ((), ())),
-                        preferred_element_type=jnp.float32)
-    out_length = length - outer[-1]
-    out = None
-    for i, o in enumerate(outer):
-        part = y[i * cout:(i + 1) * cout, o:o + out_length]
-        out = part if out is None else out + part
+    out_length = n - _max_offset((d, h, w))
+    out = _flat_conv(xt.reshape(c, n), kernel, (d, h, w), out_length)
     out = jnp.pad(out, ((0, 0), (0, n - out_length))).reshape(cout, b, d, h, w)
     return out[:, :, :d - 2, :h - 2, :w - 2]
 
 
-def _cm_value(x, kernel):
-    return _cm_value_t(_to_channel_major(x).reshape((x.shape[-1],) + x.shape[:-1]), kernel).transpose(1, 2, 3, 4, 0)
+def _cm_backward(residuals, dyt):
+    """Both gradients from the output gradient placed on the input grid (zero where there is no output).
 
-
-def _cm_kernel_grad(x, dy):
-    """dL/dk[inner tap, outer tap] = sum over flat positions m of columns(x)[m] * dy[m - outer offset]."""
-    cin, cout = x.shape[-1], dy.shape[-1]
-    b, d, h, w = x.shape[:4]
+    Input gradient: dx[p] = sum_t kernel[t]^T dy[p - offset(t)], the same flat product as the forward with the
+    flipped, in/out-swapped kernel on dy shifted right by the largest offset; exact on the flat grid, since every
+    p - offset(t) that wraps around a row, plane or sample lands on a zero (no-output) position.
+    Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset]."""
+    xt, kernel = residuals
+    cin, b, d, h, w = xt.shape
+    cout = dyt.shape[0]
     n = b * d * h * w
-    n_inner, inner, outer = _cm_plan((d, h, w), cin, cout)
-    n_outer = 3 - n_inner
-    length = n - inner[-1]
-    xf = _to_channel_major(x)
-    cols = _shifted_rows(xf, inner, length) if n_inner else xf
-    # dy on the input grid (zero where no output), shifted right by every outer offset
-    dyg = _to_channel_major(jnp.pad(dy, ((0, 0), (0, 2), (0, 2), (0, 2), (0, 0))))
-    dyg = jnp.pad(dyg, ((0, 0), (outer[-1], 0)))
-    shifted = _shifted_rows(dyg, [outer[-1] - o for o in outer], length).astype(cols.dtype)
+    grid = (d, h, w)
+    dyg = jnp.pad(dyt.astype(xt.dtype), ((0, 0), (0, 0), (0, 2), (0, 2), (0, 2))).reshape(cout, n)
+    shift = _max_offset(grid)
+    flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
+    dx = _flat_conv(jnp.pad(dyg, ((0, 0), (shift, 0))), flipped, grid, n).astype(xt.dtype).reshape(xt.shape)
+
+    inner, outer, offsets = _cm_plan(grid, cin, cout)
+    length = n - 2 * sum(inner)
+    cols = _tap_rows(xt.reshape(cin, n), inner, length)
+    shifted = _tap_rows(jnp.pad(dyg, ((0, 0), (offsets[-1], 0))), outer, length, reverse=True)
     grad = lax.dot_general(cols, shifted, (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32)  # (taps_in Cin, taps_out Cout)
+    n_inner, n_outer = len(inner), len(outer)
     grad = grad.reshape((3,) * n_inner + (cin,) + (3,) * n_outer + (cout,))
     order = tuple(range(n_inner + 1, 4)) + tuple(range(n_inner)) + (n_inner, 4)
-    return grad.transpose(order)
+    return dx, grad.transpose(order).astype(kernel.dtype)
 
 
-conv3d_cm = _with_vjp(_cm_value, _cm_kernel_grad)
+@jax.custom_vjp
+def conv3d_cm_t(xt, kernel):
+    """VALID 3x3x3 conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2)."""
+    return _cm_value_t(xt, kernel)
+
+
+conv3d_cm_t.defvjp(lambda xt, kernel: (_cm_value_t(xt, kernel), (xt, kernel)), _cm_backward)
+
+
+@jax.custom_vjp
+def to_channel_major(x):
+    """(B, D, H, W, C) -> (C, B, D, H, W), materialised (see `_to_channel_major`); its gradient likewise."""
+    return _to_channel_major(x).reshape((x.shape[-1],) + x.shape[:-1])
+
+
+@jax.custom_vjp
+def from_channel_major(xt):
+    """(C, B, D, H, W) -> (B, D, H, W, C); its gradient is materialised channel-major (`to_channel_major`)."""
+    return xt.transpose(1, 2, 3, 4, 0)
+
+
+to_channel_major.defvjp(lambda x: (to_channel_major(x), None), lambda _, g: (from_channel_major(g),))
+from_channel_major.defvjp(lambda xt: (from_channel_major(xt), None), lambda _, g: (to_channel_major(g),))
+
+
+def conv3d_cm(x, kernel):
+    """`conv3d_cm_t` on channels-last input and output (one materialised transpose each way)."""
+    return from_channel_major(conv3d_cm_t(to_channel_major(x), kernel))
 
 
 def cpu_choice(cin: int, cout: int, dtype) -> str:
@@ -307,15 +354,31 @@ def best_impl() -> str:
     return DEFAULT_IMPL
 
 
-def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32):
+def channel_major(impl: str, compute_dtype=jnp.float32) -> bool:
+    """Whether a whole network with this impl keeps its activations channel-major, (C, B, D, H, W), between
+    layers: when every layer is "cm" ("cm" itself, or "auto" on a CPU in bf16). Then no layer pays the two
+    transposes `conv3d_cm` needs on channels-last input, and pooling, BatchNorm and ReLU run on that layout."""
+    if impl == "auto":
+        return jax.default_backend() == "cpu" and jnp.dtype(compute_dtype) == jnp.bfloat16
+    return impl == "cm"
+
+
+def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
     """VALID 3x3x3 conv of x (B, D, H, W, Cin) with kernel (3, 3, 3, Cin, Cout); f32 result.
 
-    compute_dtype=bfloat16 rounds inputs and kernel to bf16 and accumulates in f32: fast on CPUs with native
-    bf16 matmul (AMX, AVX512-BF16), but slower than f32 on AVX2-only CPUs, which convert in software.
+    layout="channel_major": x is (Cin, B, D, H, W) and so is the result (any impl for which `channel_major`
+    holds). compute_dtype=bfloat16 rounds inputs and kernel to bf16 and accumulates in f32: fast on CPUs with
+    native bf16 matmul (AMX, AVX512-BF16), but slower than f32 on AVX2-only CPUs, which convert in software.
     """
     try:
         fn = IMPLEMENTATIONS[impl]
     except KeyError:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}") from None
-    y = fn(x.astype(compute_dtype), kernel.astype(compute_dtype))
-    return y.astype(jnp.float32) + bias.astype(jnp.float32)
+    x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
+    if layout == "channel_major":
+        if not channel_major(impl, compute_dtype):
+            raise ValueError(f"impl {impl!r} has no channel-major form for {jnp.dtype(compute_dtype).name}")
+        return conv3d_cm_t(x, kernel) + bias.astype(jnp.float32)[:, None, None, None, None]
+    if layout != "channels_last":
+        raise ValueError(f"unknown layout {layout!r}")
+    return fn(x, kernel).astype(jnp.float32) + bias.astype(jnp.float32)

@@ -72,3 +72,31 @@ def test_network_commutes_with_even_shifts_only():
     y_shift1 = model.apply(variables, x[:, 1:43])
     np.testing.assert_allclose(y[:, 2:], y_shift2, atol=1e-6)
     assert not np.allclose(y[:, 1:21], y_shift1[:, :20], atol=1e-4)
+
+
+@pytest.mark.parametrize("axes", ["dhw", "d", "h", "w", "dh"])
+def test_max_pool_matches_flax_in_values_and_gradients(axes):
+    """The reshape-and-max pooling (with its own backward) equals Flax's reduce_window pooling, odd sizes
+    included (the last plane is dropped); ties have probability zero for continuous inputs."""
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 7, 6, 9, 3))
+    window = tuple(2 if a in axes else 1 for a in models.AXES)
+    projection = jax.random.normal(jax.random.PRNGKey(6), nn.max_pool(x, window, strides=window).shape)
+
+    def loss(pool, x):
+        return jnp.sum(pool(x) * projection)
+
+    ours = lambda x: models.max_pool(x, axes)
+    flax_pool = lambda x: nn.max_pool(x, window, strides=window, padding="VALID")
+    np.testing.assert_array_equal(ours(x), flax_pool(x))
+    np.testing.assert_array_equal(jax.grad(lambda x: loss(ours, x))(x), jax.grad(lambda x: loss(flax_pool, x))(x))
+
+
+def test_bf16_network_in_channel_major_layout_matches_the_reference():
+    """On CPU in bf16 "auto" keeps the whole network channel-major; it must compute what "xla" computes."""
+    variables = models.init_variables("base", seed=3)
+    x = jax.random.uniform(jax.random.PRNGKey(7), (2, 40, 38, 42, 1))
+    want = models.build_model("base", impl="xla", compute_dtype=jnp.bfloat16).apply(variables, x)
+    got = models.build_model("base", impl="auto", compute_dtype=jnp.bfloat16).apply(variables, x)
+    assert got.shape == want.shape == (2, 18, 16, 20, 1)
+    assert float(jnp.max(jnp.abs(got - want))) < 2e-2
