@@ -130,8 +130,9 @@ def main():
                    help="--compare: PyTorch runs, one per dtype, right after the mrijax run")
     p.add_argument("--hugepages", action="store_true",
                    help="re-run this benchmark (and the PyTorch reference, which inherits the environment) with "
-                        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1: XLA allocates its large buffers afresh every step, "
-                        "and first-touch faults of 4 KiB pages cost ~0.5 s of a base step here")
+                        "mrijax.cli.HUGE_PAGES in GLIBC_TUNABLES (huge pages, freed memory kept for reuse): XLA "
+                        "allocates its large buffers afresh every step, and their first-touch page faults cost "
+                        "~20%% of a base step here")
     args = p.parse_args()
     if args.hugepages:
         cli.use_huge_pages()

@@ -4,21 +4,25 @@ from __future__ import annotations
 import os
 import sys
 
-HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: malloc backs large blocks with transparent huge pages
+# glibc >= 2.35: back large blocks with transparent huge pages, and keep freed memory in the heap for reuse
+# (no mmap per large block, no trimming, one arena), so a step allocates without any page fault.
+HUGE_PAGES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1"
 
 
 def use_huge_pages() -> None:
-    """Re-start this script once with glibc's huge-page malloc (no-op if set, off with MRIJAX_HUGEPAGES=0).
+    """Re-start this script once with glibc malloc tuned for XLA (no-op if set, off with MRIJAX_HUGEPAGES=0).
 
-    XLA:CPU allocates its large buffers afresh every step, and first-touch faults of 4 KiB pages cost ~0.5 s
-    of a ~1.8 s base training step on our CPU VMs (measured: 314k faults per step, ~1-3k with huge pages).
-    The tunable is read when the process starts, hence the re-exec; results are bit-identical.
+    XLA:CPU allocates its large buffers afresh every step; with glibc's defaults each one is a fresh mmap whose
+    4 KiB pages fault on first touch (measured ~260k faults per base training step). With `HUGE_PAGES` they
+    are reused from the heap on huge pages: 0 faults per step, base bf16 training 6.7 -> 9.1 patches/s here.
+    Tunables are read when the process starts, hence the re-exec; results are bit-identical. Settings the
+    user already has in GLIBC_TUNABLES come last and so win.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (not sys.platform.startswith("linux") or HUGE_PAGES in tunables
             or os.environ.get("MRIJAX_HUGEPAGES", "1") == "0"):
         return
-    env = {**os.environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGES) if t)}
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(t for t in (HUGE_PAGES, tunables) if t)}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
