@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="model: shipped name in ckpt/, an export folder or a training workdir")
     p.add_argument("--mask", help="brain mask NIfTI (single input; default: positive voxels of the input)")
     p.add_argument("--method", choices=["cae", "mimecs", "lut"], default="cae")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="cae: convolution input precision (bfloat16: f32 accumulation, faster on CPUs with bf16 "
+                        "units; see README)")
     p.add_argument("--atlas", help="mimecs/lut: folder of subjects with both contrasts (BIDS-like or manifest)")
     p.add_argument("--source", help="source contrast (default: the model's, e.g. T1w)")
     p.add_argument("--target", help="target contrast (default: the model's, e.g. T2w)")
@@ -77,7 +80,7 @@ def build_method(args, source, target):
     from mrijax import data, methods
 
     if args.method == "cae":
-        return methods.CAEMethod(args.checkpoint)
+        return methods.CAEMethod(args.checkpoint, compute_dtype=args.dtype)
     atlas = data.load_subjects(args.atlas, source=source, target=target)
     return methods.MimecsMethod(atlas) if args.method == "mimecs" else methods.LUTMethod(atlas)
 

@@ -22,6 +22,7 @@ class CAEMethod:
     model: str | None = None
     variables: dict | None = None
     meta: dict | None = None
+    compute_dtype: str = "float32"  # "bfloat16": faster on CPUs with bf16 units, f32 accumulation
 
     def __post_init__(self):
         if self.variables is None:
@@ -40,7 +41,7 @@ class CAEMethod:
         return self.meta.get("target", "T2w")
 
     def predict(self, source, mask):
-        return synthesize(self.variables, source, mask)
+        return synthesize(self.variables, source, mask, compute_dtype=self.compute_dtype)
 
 
 @dataclasses.dataclass

@@ -38,6 +38,19 @@ def test_infer_writes_an_image_on_the_input_grid(tmp_path, tiny_model):
     assert np.all(values[t1 <= 0] == 0) and np.all(values[t1 > 0] > 0)
 
 
+def test_infer_bfloat16_is_close_to_float32_but_not_identical(tmp_path, tiny_model):
+    """--dtype bfloat16 really runs in bf16 (the output differs) and stays within bf16 accuracy of f32."""
+    paths = write_synthetic_subject(tmp_path / "in", "sub-01", shape=(26, 30, 22))
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        outs[dtype] = tmp_path / f"{dtype}.nii.gz"
+        assert infer.main(["-i", str(paths["T1w"]), "-o", str(outs[dtype]), "--checkpoint", str(tiny_model),
+                           "--dtype", dtype]) == 0
+    f32, bf16 = (nib.load(outs[d]).get_fdata() for d in ("float32", "bfloat16"))
+    assert not np.array_equal(f32, bf16)
+    assert np.max(np.abs(f32 - bf16)) < 2e-2 * np.max(np.abs(f32))
+
+
 def test_infer_on_a_folder_reports_a_corrupt_file_and_writes_the_others(tmp_path, tiny_model, capsys):
     for i in (1, 2):
         write_synthetic_subject(tmp_path / "in", f"sub-0{i}", seed=i)
@@ -72,6 +85,7 @@ def _cli(script, *args):
     ("train.py", ["--data", "/nonexistent/folder"], "/nonexistent/folder"),
     ("infer.py", ["-i", "/nonexistent.nii.gz"], "/nonexistent.nii.gz"),
     ("infer.py", ["-i", "x.nii.gz", "--method", "mimecs"], "--atlas"),
+    ("infer.py", ["--dtype", "float16"], "invalid choice"),
 ])
 def test_bad_flags_and_paths_give_one_line_errors(script, args, needle):
     result = _cli(script, *args)
