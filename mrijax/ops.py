@@ -187,7 +187,9 @@ def _tap_rows(xf, strides, length, reverse=False):
     if not strides:
         return xf[:, :length]
     # Materialised first: otherwise XLA fuses the producer (BatchNorm, ReLU, the bf16 cast) into every copy and
-    # recomputes it per tap, elementwise (measured 5.6x slower for a bf16 hidden layer's forward).
+    # recomputes it per tap, elementwise (measured 5.6x slower for a bf16 hidden layer's forward). Effective in
+    # forward-only functions (inference); inside a jitted training step XLA:CPU drops the barrier again
+    # (profiled), so there the copies still recompute it: an open speed item.
     raw = lax.optimization_barrier(_as_payload(xf))
     extra = sum(2 * s for s in strides)
     for stride in reversed(strides):
