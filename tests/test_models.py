@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mrijax
-from mrijax import models
+from mrijax import models, ops
 
 PAPER_PARAMS = {"base": 168_289, "wide": 376_849, "deep": 251_521}
 PAPER_INPUT = {"base": 38, "narrow": 38, "wide": 38, "deep": 46, "shallow": 30, "residual": 38,
@@ -94,9 +94,28 @@ def test_max_pool_matches_flax_in_values_and_gradients(axes):
 
 def test_bf16_network_in_channel_major_layout_matches_the_reference():
     """On CPU in bf16 "auto" keeps the whole network channel-major; it must compute what "xla" computes."""
+    on_cpu = jax.default_backend() == "cpu"
+    assert ops.channel_major("auto", jnp.bfloat16) == on_cpu and not ops.channel_major("auto", jnp.float32)
     variables = models.init_variables("base", seed=3)
     x = jax.random.uniform(jax.random.PRNGKey(7), (2, 40, 38, 42, 1))
     want = models.build_model("base", impl="xla", compute_dtype=jnp.bfloat16).apply(variables, x)
     got = models.build_model("base", impl="auto", compute_dtype=jnp.bfloat16).apply(variables, x)
     assert got.shape == want.shape == (2, 18, 16, 20, 1)
     assert float(jnp.max(jnp.abs(got - want))) < 2e-2
+
+def test_channel_major_network_transposes_once(monkeypatch):
+    """The point of the channel-major network: one transpose in for all 8 layers, not one per "cm" layer."""
+    calls = []
+    transpose = ops.to_channel_major
+    monkeypatch.setattr(ops, "to_channel_major", lambda x: calls.append(x.shape) or transpose(x))
+    variables = models.init_variables("base", seed=3)
+    x = jax.ShapeDtypeStruct((1, 38, 38, 38, 1), jnp.float32)
+    cpu = jax.default_backend() == "cpu"
+    # auto f32 on CPU: per layer, so its "cm" first and last layers transpose each (2); matmul never does
+    cases = [("cm", jnp.float32, 1), ("auto", jnp.bfloat16, 1 if cpu else 0), ("auto", jnp.float32, 2 if cpu else 0),
+             ("matmul", jnp.float32, 0)]
+    for impl, dtype, expected in cases:
+        calls.clear()
+        jax.make_jaxpr(lambda v, a: models.build_model("base", impl=impl, compute_dtype=dtype).apply(v, a))(
+            variables, x)
+        assert len(calls) == expected, (impl, dtype, calls)
