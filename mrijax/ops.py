@@ -171,26 +171,40 @@ def cm_inner_axes(cin: int, cout: int) -> int:
     return 2  # K = 9 Cin, N = 3 Cout
 
 
-def _as_payload(x):
-    """Copies move floats as same-width integers: XLA:CPU copies bf16 elementwise through f32 (measured 10x
-    slower), and its f32 concatenations were slower than u32 ones too."""
-    kind = {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    return lax.bitcast_convert_type(x, kind) if jnp.issubdtype(x.dtype, jnp.floating) else x
+def _payload(xf):
+    """xf (C, L) materialised once as same-width integers (bf16 -> uint16, f32 -> uint32), for the tap copies.
+
+    Two XLA:CPU behaviours make this the fast form (profiled in the bf16 train step): (1) a copy fuses its
+    producer (BatchNorm, ReLU, the bf16 cast, pads) and recomputes it per tap, and `optimization_barrier` does not
+    stop that inside a training step; a product is never fused into its consumers, so the data passes once through
+    a product with the identity (exact: one nonzero term, accumulated in f32). (2) XLA:CPU moves bf16 elementwise
+    through f32 converts, several ns per element inside pad/slice fusions, so pads and copies move integers and the
+    bf16 bits are taken from the f32 product by a shift (exact: the value is a bf16 value). A non-finite value turns
+    its whole voxel (all channels) NaN, which the convolution would spread anyway."""
+    c = xf.shape[0]
+    y = lax.dot_general(jnp.eye(c, dtype=xf.dtype), xf, (((1,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    bits = lax.bitcast_convert_type(y, jnp.uint32)
+    if xf.dtype == jnp.bfloat16:
+        return (bits >> 16).astype(jnp.uint16)
+    if xf.dtype != jnp.float32:
+        raise ValueError(f"channel-major convolution supports float32 and bfloat16, got {xf.dtype}")
+    return bits
 
 
-def _tap_rows(xf, strides, length, reverse=False):
-    """Shifted copies of xf (C, L): rows (tap, c) = xf[c, o(tap) : o(tap) + length] for every tap of the axes
-    with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0, 1, 2; the first axis's tap outermost;
-    reverse: 2 - t_a). Built one axis at a time from the last: each stage is one stack of 3 shifted long
-    contiguous slices of the previous stage's rows, floats moved as integers. Measured ~2.5x faster than
-    writing the 9 shifted copies directly into one buffer, though it copies 12 rows per input row, not 9."""
+def _values(raw, dtype):
+    """The float values of an integer payload (a bitcast)."""
+    return lax.bitcast_convert_type(raw, dtype)
+
+
+def _tap_rows(raw, strides, length, reverse=False):
+    """Shifted copies of the payload raw (C, L): rows (tap, c) = raw[c, o(tap) : o(tap) + length] for every tap
+    of the axes with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0, 1, 2; the first axis's tap
+    outermost; reverse: 2 - t_a). Built one axis at a time from the last: each stage is one stack of 3 shifted long
+    contiguous slices of the previous stage's rows. Measured ~2.5x faster than writing the 9 shifted copies
+    directly into one buffer, though it copies 12 rows per input row, not 9."""
     if not strides:
-        return xf[:, :length]
-    # Materialised first: otherwise XLA fuses the producer (BatchNorm, ReLU, the bf16 cast) into every copy and
-    # recomputes it per tap, elementwise (measured 5.6x slower for a bf16 hidden layer's forward). Effective in
-    # forward-only functions (inference); inside a jitted training step XLA:CPU drops the barrier again
-    # (profiled), so there the copies still recompute it: an open speed item.
-    raw = lax.optimization_barrier(_as_payload(xf))
+        return raw[:, :length]
     extra = sum(2 * s for s in strides)
     for stride in reversed(strides):
         extra -= 2 * stride
@@ -198,7 +212,7 @@ def _tap_rows(xf, strides, length, reverse=False):
         taps = (2, 1, 0) if reverse else (0, 1, 2)
         raw = jnp.stack([lax.slice_in_dim(raw, t * stride, t * stride + size, axis=1) for t in taps]
                         ).reshape(-1, size)
-    return lax.bitcast_convert_type(raw, xf.dtype) if raw.dtype != xf.dtype else raw
+    return raw
 
 
 def _to_channel_major(x):
@@ -232,15 +246,16 @@ def _cm_plan(grid, cin, cout):
     return inner, outer, offsets
 
 
-def _flat_conv(xf, kernel, grid, out_length):
-    """out[co, p] = sum over taps t and ci of kernel[t, ci, co] * xf[ci, p + offset(t)], p < out_length, f32.
+def _flat_conv(raw, kernel, grid, out_length):
+    """out[co, p] = sum over taps t and ci of kernel[t, ci, co] * x[ci, p + offset(t)], p < out_length, f32.
 
-    xf (Cin, L) is a flattened (., D, H, W) grid (given by `grid`), L >= out_length + the largest offset.
-    Inner taps are copied into the contraction (`_tap_rows`), outer taps are extra output rows summed with
-    shifted contiguous slices: one product (taps_out Cout, taps_in Cin) @ (taps_in Cin, length)."""
+    raw (Cin, L) is the payload (`_payload`) of a flattened (., D, H, W) grid (given by `grid`) in the kernel's
+    dtype, L >= out_length + the largest offset. Inner taps are copied into the contraction (`_tap_rows`), outer
+    taps are extra output rows summed with shifted contiguous slices: one product
+    (taps_out Cout, taps_in Cin) @ (taps_in Cin, length)."""
     cin, cout = kernel.shape[3:]
     inner, outer, offsets = _cm_plan(grid, cin, cout)
-    cols = _tap_rows(xf, inner, out_length + offsets[-1])
+    cols = _values(_tap_rows(raw, inner, out_length + offsets[-1]), kernel.dtype)
     y = lax.dot_general(_cm_kernel_matrix(kernel, len(inner)), cols, (((1,), (0,)), ((), ())),
                         preferred_element_type=jnp.float32)
     out = None
@@ -254,8 +269,9 @@ def _max_offset(grid) -> int:
     return 2 * (grid[1] * grid[2] + grid[2] + 1)
 
 
-def _cm_value_t(xt, kernel):
-    """VALID conv, channel-major in and out: xt (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2).
+def _cm_forward(xt, kernel):
+    """VALID conv, channel-major in and out: xt (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2), and the
+    input's payload (kept for the backward pass, so it does not recompute the input's producers).
 
     Every voxel of the flattened (B, D, H, W) grid is an output position, so a tap is a flat offset: the
     columns are contiguous row slices and the outer-tap sum adds contiguous row slices. Positions whose
@@ -265,9 +281,10 @@ def _cm_value_t(xt, kernel):
     c, b, d, h, w = xt.shape
     n = b * d * h * w
     out_length = n - _max_offset((d, h, w))
-    out = _flat_conv(xt.reshape(c, n), kernel, (d, h, w), out_length)
+    raw = _payload(xt.reshape(c, n))
+    out = _flat_conv(raw, kernel, (d, h, w), out_length)
     out = jnp.pad(out, ((0, 0), (0, n - out_length))).reshape(cout, b, d, h, w)
-    return out[:, :, :d - 2, :h - 2, :w - 2]
+    return out[:, :, :d - 2, :h - 2, :w - 2], raw
 
 
 def _cm_backward(residuals, dyt):
@@ -277,35 +294,44 @@ def _cm_backward(residuals, dyt):
     flipped, in/out-swapped kernel on dy shifted right by the largest offset; exact on the flat grid, since every
     p - offset(t) that wraps around a row, plane or sample lands on a zero (no-output) position.
     Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset]."""
-    xt, kernel = residuals
-    cin, b, d, h, w = xt.shape
-    cout = dyt.shape[0]
+    raw, kernel = residuals
+    cout, b = dyt.shape[:2]
+    d, h, w = (s + 2 for s in dyt.shape[2:])
+    cin = kernel.shape[3]
     n = b * d * h * w
     grid = (d, h, w)
-    dyg = jnp.pad(dyt.astype(xt.dtype), ((0, 0), (0, 0), (0, 2), (0, 2), (0, 2))).reshape(cout, n)
+    dy_raw = _payload(dyt.astype(kernel.dtype).reshape(cout, -1)).reshape(dyt.shape)
+    dyg = jnp.pad(dy_raw, ((0, 0), (0, 0), (0, 2), (0, 2), (0, 2))).reshape(cout, n)  # integer zero = +0.0
     shift = _max_offset(grid)
     flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
-    dx = _flat_conv(jnp.pad(dyg, ((0, 0), (shift, 0))), flipped, grid, n).astype(xt.dtype).reshape(xt.shape)
+    dx = _flat_conv(jnp.pad(dyg, ((0, 0), (shift, 0))), flipped, grid, n).astype(kernel.dtype)
 
     inner, outer, offsets = _cm_plan(grid, cin, cout)
     length = n - 2 * sum(inner)
-    cols = _tap_rows(xt.reshape(cin, n), inner, length)
-    shifted = _tap_rows(jnp.pad(dyg, ((0, 0), (offsets[-1], 0))), outer, length, reverse=True)
+    cols = _values(_tap_rows(raw, inner, length), kernel.dtype)
+    shifted = _values(_tap_rows(jnp.pad(dyg, ((0, 0), (offsets[-1], 0))), outer, length, reverse=True), kernel.dtype)
     grad = lax.dot_general(cols, shifted, (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32)  # (taps_in Cin, taps_out Cout)
     n_inner, n_outer = len(inner), len(outer)
     grad = grad.reshape((3,) * n_inner + (cin,) + (3,) * n_outer + (cout,))
     order = tuple(range(n_inner + 1, 4)) + tuple(range(n_inner)) + (n_inner, 4)
-    return dx, grad.transpose(order).astype(kernel.dtype)
+    return dx.reshape(cin, b, d, h, w), grad.transpose(order).astype(kernel.dtype)
 
 
 @jax.custom_vjp
 def conv3d_cm_t(xt, kernel):
-    """VALID 3x3x3 conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2)."""
-    return _cm_value_t(xt, kernel)
+    """VALID 3x3x3 conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2).
+
+    xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32."""
+    return _cm_forward(xt, kernel)[0]
 
 
-conv3d_cm_t.defvjp(lambda xt, kernel: (_cm_value_t(xt, kernel), (xt, kernel)), _cm_backward)
+def _cm_forward_vjp(xt, kernel):
+    out, raw = _cm_forward(xt, kernel)
+    return out, (raw, kernel)
+
+
+conv3d_cm_t.defvjp(_cm_forward_vjp, _cm_backward)
 
 
 @jax.custom_vjp
