@@ -171,25 +171,26 @@ def cm_inner_axes(cin: int, cout: int) -> int:
     return 2  # K = 9 Cin, N = 3 Cout
 
 
-def _payload(xf):
-    """xf (C, L) materialised once as same-width integers (bf16 -> uint16, f32 -> uint32), for the tap copies.
+def _payload(x):
+    """x (C, ..., W) flattened to (C, L) and materialised once as same-width integers (bf16 -> uint16,
+    f32 -> uint32), for the tap copies.
 
-    Two XLA:CPU behaviours make this the fast form (profiled in the bf16 train step): (1) a copy fuses its
+    Three XLA:CPU behaviours make this the fast form (profiled in the bf16 train step): (1) a copy fuses its
     producer (BatchNorm, ReLU, the bf16 cast, pads) and recomputes it per tap, and `optimization_barrier` does not
     stop that inside a training step; a product is never fused into its consumers, so the data passes once through
-    a product with the identity (exact: one nonzero term, accumulated in f32). (2) XLA:CPU moves bf16 elementwise
-    through f32 converts, several ns per element inside pad/slice fusions, so pads and copies move integers and the
-    bf16 bits are taken from the f32 product by a shift (exact: the value is a bf16 value). A non-finite value turns
-    its whole voxel (all channels) NaN, which the convolution would spread anyway."""
-    c = xf.shape[0]
-    y = lax.dot_general(jnp.eye(c, dtype=xf.dtype), xf, (((1,), (0,)), ((), ())),
+    a product with the identity (exact: one nonzero term, accumulated in f32). (2) A fusion whose result collapses
+    the minor axes (5D -> (C, L)) is emitted with per-element index arithmetic, ~20x slower than one that keeps the
+    minor axis, so the identity multiplies the W axis of (rows, W) and the product's result is reshaped for free.
+    (3) XLA:CPU moves bf16 elementwise through f32 converts, several ns per element inside pad/slice fusions, so
+    pads and copies move integers, and the bf16 bits are taken from the f32 product by a shift (exact: the value
+    is a bf16 value). A non-finite value turns its whole W row NaN, which the convolution would spread anyway."""
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"channel-major convolution supports float32 and bfloat16, got {x.dtype}")
+    w = x.shape[-1]
+    y = lax.dot_general(x.reshape(-1, w), jnp.eye(w, dtype=x.dtype), (((1,), (0,)), ((), ())),
                         preferred_element_type=jnp.float32)
-    bits = lax.bitcast_convert_type(y, jnp.uint32)
-    if xf.dtype == jnp.bfloat16:
-        return (bits >> 16).astype(jnp.uint16)
-    if xf.dtype != jnp.float32:
-        raise ValueError(f"channel-major convolution supports float32 and bfloat16, got {xf.dtype}")
-    return bits
+    bits = lax.bitcast_convert_type(y.reshape(x.shape[0], -1), jnp.uint32)
+    return (bits >> 16).astype(jnp.uint16) if x.dtype == jnp.bfloat16 else bits
 
 
 def _values(raw, dtype):
@@ -281,7 +282,7 @@ def _cm_forward(xt, kernel):
     c, b, d, h, w = xt.shape
     n = b * d * h * w
     out_length = n - _max_offset((d, h, w))
-    raw = _payload(xt.reshape(c, n))
+    raw = _payload(xt)
     out = _flat_conv(raw, kernel, (d, h, w), out_length)
     out = jnp.pad(out, ((0, 0), (0, n - out_length))).reshape(cout, b, d, h, w)
     return out[:, :, :d - 2, :h - 2, :w - 2], raw
@@ -300,16 +301,21 @@ def _cm_backward(residuals, dyt):
     cin = kernel.shape[3]
     n = b * d * h * w
     grid = (d, h, w)
-    dy_raw = _payload(dyt.astype(kernel.dtype).reshape(cout, -1)).reshape(dyt.shape)
-    dyg = jnp.pad(dy_raw, ((0, 0), (0, 0), (0, 2), (0, 2), (0, 2))).reshape(cout, n)  # integer zero = +0.0
     shift = _max_offset(grid)
+    # dy placed at corner (2, 2, 2) of each sample's grid = the flat gradient shifted right by `shift` (every
+    # shifted position stays inside its sample), plus one zero sample of tail: the input of the dx product, and,
+    # sliced, of the kernel gradient. Padding the 5D array before the identity product is one cheap pass; a flat
+    # pad after a 5D one fused into the copies was measured ~25x slower per element.
+    placed = jnp.pad(dyt.astype(kernel.dtype), ((0, 0), (0, 1), (2, 0), (2, 0), (2, 0)))
+    dy_raw = _payload(placed)
     flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
-    dx = _flat_conv(jnp.pad(dyg, ((0, 0), (shift, 0))), flipped, grid, n).astype(kernel.dtype)
+    dx = _flat_conv(dy_raw, flipped, grid, n).astype(kernel.dtype)
 
     inner, outer, offsets = _cm_plan(grid, cin, cout)
     length = n - 2 * sum(inner)
     cols = _values(_tap_rows(raw, inner, length), kernel.dtype)
-    shifted = _values(_tap_rows(jnp.pad(dyg, ((0, 0), (offsets[-1], 0))), outer, length, reverse=True), kernel.dtype)
+    shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True),
+                      kernel.dtype)
     grad = lax.dot_general(cols, shifted, (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32)  # (taps_in Cin, taps_out Cout)
     n_inner, n_outer = len(inner), len(outer)
