@@ -7,8 +7,9 @@
   slicing/concatenation a matmul formulation needs is slow too, so both directions are spelled as matmuls.
 - "cm": the same products in channel-major layout over the whole (flattened) volume, so that every shifted
   copy is a long contiguous row copy and the products run at the library's best speed (see the section below).
-  Fastest for bf16 at every width and for the first (Cin=1) and last (Cout=1) layers in f32.
-- "auto" (the default): per layer the faster of "matmul" and "cm" on CPUs (`cpu_choice`), "xla" elsewhere.
+  Fastest on CPUs for every layer shape, in bf16 and f32 (measured, `cpu_choice`).
+- "auto" (the default): "cm" on CPUs (the whole network channel-major, one transpose in and out), "xla"
+  elsewhere (cuDNN).
 
 The matmul form splits the 27 taps between the two matrix sides. Taps whose shifted copies are concatenated
 into the input channels ("inner" taps) grow the contraction K = taps_in * Cin at the cost of copying the input
@@ -362,16 +363,15 @@ def conv3d_cm(x, kernel):
 
 
 def cpu_choice(cin: int, cout: int, dtype) -> str:
-    """The faster measured CPU form for a layer (2-core AVX-512 EPYC, batch 8 of 38^3 patches, fwd+bwd).
+    """The faster measured CPU form for a layer: "cm" for every layer shape and dtype.
 
-    - bf16: "cm" everywhere (32->32 at 36^3: 445 vs 485 ms; 48->48: 619 vs 1045 ms; first/last layers 2x).
-    - f32: "cm" for the first (Cin=1: 72 vs 151 ms) and last (Cout=1: 7.7 vs 13.5 ms) layers, where it needs no
-      or few copies; "matmul" for the rest, whose cache-sized blocks beat cm's whole-volume f32 copies
-      (32->32 at 36^3: 513 vs 730 ms; 48->48: 1033 vs 1126 ms).
-    XLA's convolution was 3x slower than both at every width (48->48 at 36^3: 3247 ms f32)."""
-    if jnp.dtype(dtype) == jnp.bfloat16 or cin == 1 or cout == 1:
-        return "cm"
-    return "matmul"
+    Measured on a 2-core AVX-512 EPYC (XLA:CPU, batch 8 of 38^3 patches, whole train steps without page faults):
+    bf16 base 1.25 s vs 2.9 s per step before the payload materialisation made "cm" cheap; f32 base 1.15-1.19 s
+    ("cm" everywhere) vs 1.26-1.36 s ("matmul" hidden layers), f32 wide 2.14 vs 2.68 s. Before that change "matmul"
+    won the f32 hidden layers (its cache-sized blocks beat cm's whole-volume copies). XLA's convolution was 3x
+    slower than both at every width. The arguments stay so a future CPU or XLA can be routed per layer again."""
+    del cin, cout, dtype
+    return "cm"
 
 
 def conv3d_auto(x, kernel):
@@ -392,10 +392,10 @@ def best_impl() -> str:
 
 def channel_major(impl: str, compute_dtype=jnp.float32) -> bool:
     """Whether a whole network with this impl keeps its activations channel-major, (C, B, D, H, W), between
-    layers: when every layer is "cm" ("cm" itself, or "auto" on a CPU in bf16). Then no layer pays the two
-    transposes `conv3d_cm` needs on channels-last input, and pooling, BatchNorm and ReLU run on that layout."""
+    layers: when every layer is "cm" ("cm" itself, or "auto" on a CPU, see `cpu_choice`). Then no layer pays the
+    two transposes `conv3d_cm` needs on channels-last input, and pooling, BatchNorm and ReLU run on that layout."""
     if impl == "auto":
-        return jax.default_backend() == "cpu" and jnp.dtype(compute_dtype) == jnp.bfloat16
+        return jax.default_backend() == "cpu" and cpu_choice(1, 1, compute_dtype) == "cm"
     return impl == "cm"
 
 

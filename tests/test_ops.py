@@ -85,11 +85,12 @@ def test_unknown_impl_is_refused():
 
 
 def test_default_impl_policy():
-    """"auto" = on CPU the faster measured matmul form per layer (never XLA's convolution), XLA's elsewhere."""
+    """"auto" = on CPU the measured faster matmul form, "cm", for every layer (never XLA's convolution), XLA's
+    elsewhere."""
     assert ops.best_impl() == ops.DEFAULT_IMPL == "auto"
-    assert ops.cpu_choice(1, 32, jnp.float32) == ops.cpu_choice(32, 1, jnp.float32) == "cm"
-    assert ops.cpu_choice(32, 32, jnp.float32) == ops.cpu_choice(48, 48, jnp.float32) == "matmul"
-    assert all(ops.cpu_choice(i, o, jnp.bfloat16) == "cm" for i, o in [(1, 32), (32, 32), (48, 48), (32, 1)])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert all(ops.cpu_choice(i, o, dtype) == "cm" for i, o in [(1, 32), (32, 32), (48, 48), (32, 1)])
+        assert ops.channel_major("auto", dtype) == (jax.default_backend() == "cpu")
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
         jaxpr = str(jax.make_jaxpr(lambda a, k: ops.conv3d(a, k, bias, impl="auto"))(x, kernel))
@@ -108,6 +109,18 @@ def test_channel_major_transpose_is_exact(dtype):
     want = x.reshape(-1, 48).T
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cm_payload_is_exact(dtype):
+    """The identity product that materialises a "cm" input (and the bf16 bits taken from its f32 result) gives
+    back every value bit for bit, over 60 decades, in (C, L) order."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (6, 2, 3, 4, 48)) * jnp.logspace(-30, 30, 48)
+    x = x.astype(dtype)
+    raw = jax.jit(ops._payload)(x)
+    assert raw.dtype == {jnp.float32: jnp.uint32, jnp.bfloat16: jnp.uint16}[dtype] and raw.shape == (6, 2 * 3 * 4 * 48)
+    got = ops._values(raw, dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x.reshape(6, -1), np.float32))
 
 
 def model_value_and_grads(variant, impl, variables, x, projection):
