@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--workdir", help="output folder (default: ckpt/runs/<variant>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir where it stopped")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start from a trained model's weights (a model folder or shipped name, e.g. t1w-t2w-base): "
+                        "fine-tune it on --data with a fresh optimizer")
     p.add_argument("--baseline", choices=["lut", "mimecs"],
                    help="fit this baseline on the training subjects and draw its validation MSE on the curve")
     p.add_argument("--no-progress", action="store_true")
@@ -74,7 +77,7 @@ def main(argv=None):
         variant=args.variant, source=args.source, target=args.target, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, crop=args.crop, patch_step=args.patch_step, seed=args.seed,
         compute_dtype=args.dtype, impl=args.impl, weight_decay=args.weight_decay, dropout=args.dropout,
-        jitter=args.jitter, flip=args.flip, schedule=args.schedule)
+        jitter=args.jitter, flip=args.flip, schedule=args.schedule, init_from=args.init_from)
     root = args.data or data.ensure_phantom_dataset()
     subjects = data.load_subjects(root, source=config.source, target=config.target)
     val = int(args.val_subjects) if args.val_subjects.isdigit() else args.val_subjects.split(",")

@@ -30,6 +30,7 @@ class TrainConfig:
     jitter: int = 0  # augmentation: shift block centres by up to this many voxels per axis, anew each epoch
     flip: bool = False  # augmentation: add left-right mirrored copies of the training subjects
     schedule: str = "constant"  # learning rate: "constant" (the paper) or "cosine" decay to 0 over all epochs
+    init_from: str | None = None  # warm start (fine-tuning): a model directory or shipped name; fresh optimizer
     max_steps_per_epoch: int | None = None  # cap, for smoke runs
     max_val_batches: int | None = None  # cap, for smoke runs
 

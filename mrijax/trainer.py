@@ -151,9 +151,24 @@ class Trainer:
     def new_state(self):
         c = self.config
         decay_steps = c.epochs * self.steps_per_epoch if c.schedule == "cosine" else None
-        return training.create_train_state(self.variant, lr=c.lr, seed=c.seed, impl=c.impl,
-                                           compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay,
-                                           decay_steps=decay_steps)
+        state = training.create_train_state(self.variant, lr=c.lr, seed=c.seed, impl=c.impl,
+                                            compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay,
+                                            decay_steps=decay_steps)
+        return self._warm_start(state) if c.init_from else state
+
+    def _warm_start(self, state):
+        """Weights and BatchNorm statistics from `init_from` (an export or shipped model), a fresh optimizer:
+        fine-tuning a trained model on new subjects, or continuing a finished schedule with a new one."""
+        variables, meta = checkpoint.load_model(self.config.init_from)
+        if meta["variant"] != self.variant.name:
+            raise ValueError(f"--init-from {self.config.init_from} holds a {meta['variant']} model; train with "
+                             f"--variant {meta['variant']} or start from a {self.variant.name} model")
+        if (meta.get("source"), meta.get("target")) != (self.config.source, self.config.target):
+            self.log(f"warm start from a {meta.get('source')}->{meta.get('target')} model for "
+                     f"{self.config.source}->{self.config.target}")
+        params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+        return state.replace(params=params, batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]),
+                             opt_state=state.tx.init(params))
 
     def _batches(self, subjects, records, epoch, shuffle, batch_size, drop_remainder):
         return data.patch_dataset(
