@@ -93,13 +93,13 @@ def bench_synthesize(args) -> dict:
     volume = np.random.default_rng(0).random(tuple(args.shape), np.float32) + 0.5
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
-    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype)
+    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype, tile=args.tile or None)
     first = time.perf_counter() - start
     start = time.perf_counter()
-    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype)
+    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype, tile=args.tile or None)
     second = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": "synthesize", "shape": list(args.shape), "first_call_seconds": first, "seconds": second,
+    return {"mode": "synthesize", "shape": list(args.shape), "tile": args.tile, "first_call_seconds": first, "seconds": second,
             "voxels_per_s": float(np.prod(args.shape)) / second, "peak_rss_mib": peak_mib}
 
 
@@ -125,6 +125,7 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--impl", default=ops.best_impl(), choices=sorted(ops.IMPLEMENTATIONS))
     p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
+    p.add_argument("--tile", type=int, default=64, help="synthesize: output tile edge (0: one pass)")
     p.add_argument("--compare", action="store_true", help="also run torch_cae.py and print the ratios")
     p.add_argument("--torch-dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
                    help="--compare: PyTorch runs, one per dtype, right after the mrijax run")

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from mrijax import checkpoint, data
-from mrijax.inference import synthesize
+from mrijax.inference import DEFAULT_TILE, synthesize
 
 
 @dataclasses.dataclass
@@ -23,6 +23,7 @@ class CAEMethod:
     variables: dict | None = None
     meta: dict | None = None
     compute_dtype: str = "float32"  # "bfloat16": faster on CPUs with bf16 units, f32 accumulation
+    tile: int | None = DEFAULT_TILE  # output tile edge of the whole-volume pass (None: one pass)
 
     def __post_init__(self):
         if self.variables is None:
@@ -41,7 +42,7 @@ class CAEMethod:
         return self.meta.get("target", "T2w")
 
     def predict(self, source, mask):
-        return synthesize(self.variables, source, mask, compute_dtype=self.compute_dtype)
+        return synthesize(self.variables, source, mask, compute_dtype=self.compute_dtype, tile=self.tile)
 
 
 @dataclasses.dataclass

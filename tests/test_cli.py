@@ -51,6 +51,19 @@ def test_infer_bfloat16_is_close_to_float32_but_not_identical(tmp_path, tiny_mod
     assert np.max(np.abs(f32 - bf16)) < 2e-2 * np.max(np.abs(f32))
 
 
+def test_infer_tile_flag_changes_memory_not_results(tmp_path, tiny_model):
+    """--tile reaches the whole-volume pass: small tiles and one pass give the same image (to f32 rounding)."""
+    paths = write_synthetic_subject(tmp_path / "in", "sub-01", shape=(26, 30, 22))
+    outs = {}
+    for tile in ("8", "0"):
+        outs[tile] = tmp_path / f"tile{tile}.nii.gz"
+        assert infer.main(["-i", str(paths["T1w"]), "-o", str(outs[tile]), "--checkpoint", str(tiny_model),
+                           "--tile", tile]) == 0
+    tiled, whole = (nib.load(outs[t]).get_fdata() for t in ("8", "0"))
+    np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-6)
+    assert np.any(whole > 0)
+
+
 def test_infer_on_a_folder_reports_a_corrupt_file_and_writes_the_others(tmp_path, tiny_model, capsys):
     for i in (1, 2):
         write_synthetic_subject(tmp_path / "in", f"sub-0{i}", seed=i)
@@ -86,6 +99,7 @@ def _cli(script, *args):
     ("infer.py", ["-i", "/nonexistent.nii.gz"], "/nonexistent.nii.gz"),
     ("infer.py", ["-i", "x.nii.gz", "--method", "mimecs"], "--atlas"),
     ("infer.py", ["--dtype", "float16"], "invalid choice"),
+    ("infer.py", ["--tile", "-2"], "--tile"),
 ])
 def test_bad_flags_and_paths_give_one_line_errors(script, args, needle):
     result = _cli(script, *args)

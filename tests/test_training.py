@@ -139,6 +139,8 @@ def test_init_from_starts_with_a_trained_models_weights_and_a_fresh_optimizer(ph
     cold = _smoke_trainer(phantom_subjects, tmp_path / "cold", epochs=1).new_state()
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(cold.params),
                                                         jax.tree_util.tree_leaves(state.params)))
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        _smoke_trainer(phantom_subjects, tmp_path / "y", init_from=str(tmp_path / "missing")).new_state()
     with pytest.raises(ValueError, match="--variant narrow"):
         _smoke_trainer(phantom_subjects, tmp_path / "x", variant="base", init_from=str(tmp_path / "first")).new_state()
 
