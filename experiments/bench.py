@@ -125,7 +125,7 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--impl", default=ops.best_impl(), choices=sorted(ops.IMPLEMENTATIONS))
     p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
-    p.add_argument("--tile", type=int, default=64, help="synthesize: output tile edge (0: one pass)")
+    p.add_argument("--tile", type=int, default=128, help="synthesize: output tile edge (0: one pass)")
     p.add_argument("--compare", action="store_true", help="also run torch_cae.py and print the ratios")
     p.add_argument("--torch-dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
                    help="--compare: PyTorch runs, one per dtype, right after the mrijax run")

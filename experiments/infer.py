@@ -35,9 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="cae: convolution input precision (bfloat16: f32 accumulation, faster on CPUs with bf16 "
                         "units; see README)")
-    p.add_argument("--tile", type=int, default=64,
+    p.add_argument("--tile", type=int, default=128,
                    help="cae: output tile edge of the whole-volume pass, a multiple of the pooling factor (2) "
-                        "(larger: less recomputed margin, more memory; 0: the whole volume in one pass)")
+                        "(larger: less recomputed margin, more memory; 0: the whole volume in one pass; smaller, e.g. 64: "
+                        "less memory)")
     p.add_argument("--atlas", help="mimecs/lut: folder of subjects with both contrasts (BIDS-like or manifest)")
     p.add_argument("--source", help="source contrast (default: the model's, e.g. T1w)")
     p.add_argument("--target", help="target contrast (default: the model's, e.g. T2w)")
