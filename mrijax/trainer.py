@@ -249,6 +249,11 @@ class Trainer:
                             continue
                         rstate, m = p_train(rstate, training.shard_batch(batch))
                         losses.append(m["loss"])
+                        if len(losses) > 1:
+                            # At most two steps in flight: dispatch is asynchronous, and without this the loop could
+                            # run far ahead, so a stop request waited for every queued step before saving (seen: a
+                            # wide run still computing 50 s after SIGTERM, at ~6 s per step).
+                            jax.block_until_ready(losses[-2])
                         bar.update(1)
                         elapsed = time.perf_counter() - t0
                         bar.set_postfix_str(f"{len(losses) * c.batch_size * patch_equiv / elapsed:.1f} patches/s")
