@@ -38,28 +38,27 @@ def test_infer_writes_an_image_on_the_input_grid(tmp_path, tiny_model):
     assert np.all(values[t1 <= 0] == 0) and np.all(values[t1 > 0] > 0)
 
 
+def _infer_with(tmp_path, model, flag, values):
+    """infer.py on one synthetic T1w image once per value of `flag`; the output images, in that order."""
+    paths = write_synthetic_subject(tmp_path / "in", "sub-01", shape=(26, 30, 22))
+    images = []
+    for value in values:
+        out = tmp_path / f"{flag.strip('-')}-{value}.nii.gz"
+        assert infer.main(["-i", str(paths["T1w"]), "-o", str(out), "--checkpoint", str(model), flag, value]) == 0
+        images.append(nib.load(out).get_fdata())
+    return images
+
+
 def test_infer_bfloat16_is_close_to_float32_but_not_identical(tmp_path, tiny_model):
     """--dtype bfloat16 really runs in bf16 (the output differs) and stays within bf16 accuracy of f32."""
-    paths = write_synthetic_subject(tmp_path / "in", "sub-01", shape=(26, 30, 22))
-    outs = {}
-    for dtype in ("float32", "bfloat16"):
-        outs[dtype] = tmp_path / f"{dtype}.nii.gz"
-        assert infer.main(["-i", str(paths["T1w"]), "-o", str(outs[dtype]), "--checkpoint", str(tiny_model),
-                           "--dtype", dtype]) == 0
-    f32, bf16 = (nib.load(outs[d]).get_fdata() for d in ("float32", "bfloat16"))
+    f32, bf16 = _infer_with(tmp_path, tiny_model, "--dtype", ("float32", "bfloat16"))
     assert not np.array_equal(f32, bf16)
     assert np.max(np.abs(f32 - bf16)) < 2e-2 * np.max(np.abs(f32))
 
 
 def test_infer_tile_flag_changes_memory_not_results(tmp_path, tiny_model):
     """--tile reaches the whole-volume pass: small tiles and one pass give the same image (to f32 rounding)."""
-    paths = write_synthetic_subject(tmp_path / "in", "sub-01", shape=(26, 30, 22))
-    outs = {}
-    for tile in ("8", "0"):
-        outs[tile] = tmp_path / f"tile{tile}.nii.gz"
-        assert infer.main(["-i", str(paths["T1w"]), "-o", str(outs[tile]), "--checkpoint", str(tiny_model),
-                           "--tile", tile]) == 0
-    tiled, whole = (nib.load(outs[t]).get_fdata() for t in ("8", "0"))
+    tiled, whole = _infer_with(tmp_path, tiny_model, "--tile", ("8", "0"))
     np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-6)
     assert np.any(whole > 0)
 
