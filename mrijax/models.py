@@ -247,7 +247,7 @@ class CAE(nn.Module):
         cfg = self.config
         # Channel-major activations (C, B, D, H, W) when every convolution is "cm" (see ops.channel_major):
         # one transpose in, one out, instead of two per layer. Parameters are the same in both layouts.
-        layout = "channel_major" if ops.channel_major(self.impl, self.compute_dtype) else "channels_last"
+        layout = "channel_major" if ops.channel_major(self.impl) else "channels_last"
         spatial, channels = ((2, 3, 4), 0) if layout == "channel_major" else ((1, 2, 3), -1)
         if layout == "channel_major":
             x = ops.to_channel_major(x)

@@ -7,7 +7,7 @@
   slicing/concatenation a matmul formulation needs is slow too, so both directions are spelled as matmuls.
 - "cm": the same products in channel-major layout over the whole (flattened) volume, so that every shifted
   copy is a long contiguous row copy and the products run at the library's best speed (see the section below).
-  Fastest on CPUs for every layer shape, in bf16 and f32 (measured, `cpu_choice`).
+  Fastest on CPUs for every layer shape, in bf16 and f32 (measured, see `conv3d_auto`).
 - "auto" (the default): "cm" on CPUs (the whole network channel-major, one transpose in and out), "xla"
   elsewhere (cuDNN).
 
@@ -159,8 +159,8 @@ conv3d_matmul = _with_vjp(_conv_matmul_value, _kernel_grad)
 # columns and the result: (N, K) @ (K, M) for values and input gradients, (K, M) @ (N, M)^T for kernel
 # gradients. Measured on a 2-core AVX-512 CPU (XLA:CPU, YNN dots, bf16 inputs, f32 accumulation), these run at
 # ~330-390 GFLOP/s where the channels-last (M, K) @ (K, N) and its transposed-lhs kernel gradient ran at ~180
-# and ~50 GFLOP/s. The price is whole-volume columns (9x the input) instead of cache-sized blocks: in f32 that
-# traffic makes "cm" slower than "matmul" for the hidden layers, so `cpu_choice` uses it there only for bf16.
+# and ~50 GFLOP/s. The price is whole-volume columns (9x the input) instead of cache-sized blocks; since each
+# input is materialised once as an integer payload (`_payload`) that traffic is cheap in f32 too.
 
 
 def cm_inner_axes(cin: int, cout: int) -> int:
@@ -362,23 +362,16 @@ def conv3d_cm(x, kernel):
     return from_channel_major(conv3d_cm_t(to_channel_major(x), kernel))
 
 
-def cpu_choice(cin: int, cout: int, dtype) -> str:
-    """The faster measured CPU form for a layer: "cm" for every layer shape and dtype.
-
-    Measured on a 2-core AVX-512 EPYC (XLA:CPU, batch 8 of 38^3 patches, whole train steps without page faults):
-    bf16 base 1.25 s vs 2.9 s per step before the payload materialisation made "cm" cheap; f32 base 1.15-1.19 s
-    ("cm" everywhere) vs 1.26-1.36 s ("matmul" hidden layers), f32 wide 2.14 vs 2.68 s. Before that change "matmul"
-    won the f32 hidden layers (its cache-sized blocks beat cm's whole-volume copies). XLA's convolution was 3x
-    slower than both at every width. The arguments stay so a future CPU or XLA can be routed per layer again."""
-    del cin, cout, dtype
-    return "cm"
-
-
 def conv3d_auto(x, kernel):
-    """Per layer, the faster measured form (`cpu_choice`) on CPUs; XLA's convolution (cuDNN) elsewhere."""
+    """"cm" on CPUs, XLA's convolution (cuDNN) elsewhere.
+
+    Measured on a 2-core AVX-512 EPYC (XLA:CPU, base/wide train steps, batch 8 of 38^3 patches, one process each,
+    steps without page faults): with "cm" everywhere f32 base took 1.15-1.19 s per step against 1.26-1.36 s with
+    "matmul" hidden layers, f32 wide 2.14-2.48 s against 2.68-2.93 s; bf16 already favoured "cm" at every width.
+    XLA's CPU convolution was ~3x slower than both."""
     if jax.default_backend() != "cpu":
         return conv3d_xla(x, kernel)
-    return IMPLEMENTATIONS[cpu_choice(*kernel.shape[3:], x.dtype)](x, kernel)
+    return conv3d_cm(x, kernel)
 
 
 IMPLEMENTATIONS = {"xla": conv3d_xla, "matmul": conv3d_matmul, "cm": conv3d_cm, "auto": conv3d_auto}
@@ -386,17 +379,15 @@ DEFAULT_IMPL = "auto"
 
 
 def best_impl() -> str:
-    """The default: "auto" picks per layer and backend."""
+    """The default: "auto" picks by backend."""
     return DEFAULT_IMPL
 
 
-def channel_major(impl: str, compute_dtype=jnp.float32) -> bool:
+def channel_major(impl: str) -> bool:
     """Whether a whole network with this impl keeps its activations channel-major, (C, B, D, H, W), between
-    layers: when every layer is "cm" ("cm" itself, or "auto" on a CPU, see `cpu_choice`). Then no layer pays the
-    two transposes `conv3d_cm` needs on channels-last input, and pooling, BatchNorm and ReLU run on that layout."""
-    if impl == "auto":
-        return jax.default_backend() == "cpu" and cpu_choice(1, 1, compute_dtype) == "cm"
-    return impl == "cm"
+    layers: when every layer is "cm" ("cm" itself, or "auto" on a CPU). Then no layer pays the two transposes
+    `conv3d_cm` needs on channels-last input, and pooling, BatchNorm and ReLU run on that layout."""
+    return impl == "cm" or (impl == "auto" and jax.default_backend() == "cpu")
 
 
 def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
@@ -412,8 +403,8 @@ def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}") from None
     x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
     if layout == "channel_major":
-        if not channel_major(impl, compute_dtype):
-            raise ValueError(f"impl {impl!r} has no channel-major form for {jnp.dtype(compute_dtype).name}")
+        if not channel_major(impl):
+            raise ValueError(f"impl {impl!r} has no channel-major form on {jax.default_backend()}")
         return conv3d_cm_t(x, kernel) + bias.astype(jnp.float32)[:, None, None, None, None]
     if layout != "channels_last":
         raise ValueError(f"unknown layout {layout!r}")

@@ -88,9 +88,7 @@ def test_default_impl_policy():
     """"auto" = on CPU the measured faster matmul form, "cm", for every layer (never XLA's convolution), XLA's
     elsewhere."""
     assert ops.best_impl() == ops.DEFAULT_IMPL == "auto"
-    for dtype in (jnp.float32, jnp.bfloat16):
-        assert all(ops.cpu_choice(i, o, dtype) == "cm" for i, o in [(1, 32), (32, 32), (48, 48), (32, 1)])
-        assert ops.channel_major("auto", dtype) == (jax.default_backend() == "cpu")
+    assert ops.channel_major("auto") == (jax.default_backend() == "cpu")
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
         jaxpr = str(jax.make_jaxpr(lambda a, k: ops.conv3d(a, k, bias, impl="auto"))(x, kernel))
