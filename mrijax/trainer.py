@@ -157,8 +157,9 @@ class Trainer:
         return self._warm_start(state) if c.init_from else state
 
     def _warm_start(self, state):
-        """Weights and BatchNorm statistics from `init_from` (an export or shipped model), a fresh optimizer:
-        fine-tuning a trained model on new subjects, or continuing a finished schedule with a new one."""
+        """Weights and BatchNorm statistics from `init_from` (an export or shipped model) in a fresh state (its
+        optimizer state depends only on parameter shapes): fine-tuning a trained model on new subjects, or continuing
+        a finished schedule with a new one."""
         variables, meta = checkpoint.load_model(self.config.init_from)
         if meta["variant"] != self.variant.name:
             raise ValueError(f"--init-from {self.config.init_from} holds a {meta['variant']} model; train with "
@@ -166,9 +167,8 @@ class Trainer:
         if (meta.get("source"), meta.get("target")) != (self.config.source, self.config.target):
             self.log(f"warm start from a {meta.get('source')}->{meta.get('target')} model for "
                      f"{self.config.source}->{self.config.target}")
-        params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-        return state.replace(params=params, batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]),
-                             opt_state=state.tx.init(params))
+        return state.replace(params=jax.tree_util.tree_map(jnp.asarray, variables["params"]),
+                             batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]))
 
     def _batches(self, subjects, records, epoch, shuffle, batch_size, drop_remainder):
         return data.patch_dataset(

