@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mrijax
-from mrijax import cli, models, ops, training
+from mrijax import cli, inference, models, ops, training
 
 TORCH_REFERENCE = os.environ.get("MRIJAX_TORCH_CAE", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                                   "bench", "torch_cae.py"))
@@ -91,16 +91,16 @@ def bench_infer(args) -> dict:
 def bench_synthesize(args) -> dict:
     variables = models.init_variables(args.variant)
     volume = np.random.default_rng(0).random(tuple(args.shape), np.float32) + 0.5
-    dtype = DTYPES[args.dtype]
+    kwargs = {"impl": args.impl, "compute_dtype": DTYPES[args.dtype], "tile": args.tile or None}  # 0: one pass
     start = time.perf_counter()
-    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype, tile=args.tile or None)
+    mrijax.synthesize(variables, volume, **kwargs)
     first = time.perf_counter() - start
     start = time.perf_counter()
-    mrijax.synthesize(variables, volume, impl=args.impl, compute_dtype=dtype, tile=args.tile or None)
+    mrijax.synthesize(variables, volume, **kwargs)
     second = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": "synthesize", "shape": list(args.shape), "tile": args.tile, "first_call_seconds": first, "seconds": second,
-            "voxels_per_s": float(np.prod(args.shape)) / second, "peak_rss_mib": peak_mib}
+    return {"mode": "synthesize", "shape": list(args.shape), "tile": args.tile, "first_call_seconds": first,
+            "seconds": second, "voxels_per_s": float(np.prod(args.shape)) / second, "peak_rss_mib": peak_mib}
 
 
 def run_torch(args, dtype: str) -> dict:
@@ -125,7 +125,8 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--impl", default=ops.best_impl(), choices=sorted(ops.IMPLEMENTATIONS))
     p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
-    p.add_argument("--tile", type=int, default=128, help="synthesize: output tile edge (0: one pass)")
+    p.add_argument("--tile", type=int, default=inference.DEFAULT_TILE,
+                   help="synthesize: output tile edge (0: one pass)")
     p.add_argument("--compare", action="store_true", help="also run torch_cae.py and print the ratios")
     p.add_argument("--torch-dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
                    help="--compare: PyTorch runs, one per dtype, right after the mrijax run")

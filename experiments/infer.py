@@ -35,15 +35,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="cae: convolution input precision (bfloat16: f32 accumulation, faster on CPUs with bf16 "
                         "units; see README)")
-    p.add_argument("--tile", type=int, default=128,
-                   help="cae: output tile edge of the whole-volume pass, a multiple of the pooling factor (2) "
-                        "(larger: less recomputed margin, more memory; 0: the whole volume in one pass; smaller, e.g. 64: "
-                        "less memory)")
+    p.add_argument("--tile", type=int,
+                   help="cae: output tile edge of the whole-volume pass, even (default: mrijax.inference.DEFAULT_TILE, "
+                        "128; smaller, e.g. 64: less memory, slower; 0: the whole volume in one pass)")
     p.add_argument("--atlas", help="mimecs/lut: folder of subjects with both contrasts (BIDS-like or manifest)")
     p.add_argument("--source", help="source contrast (default: the model's, e.g. T1w)")
     p.add_argument("--target", help="target contrast (default: the model's, e.g. T2w)")
     args = p.parse_args(argv)
-    if args.tile < 0:
+    if args.tile is not None and args.tile < 0:
         p.error(f"--tile must be 0 (one pass) or a positive even number, got {args.tile}")
     if args.method != "cae" and not args.atlas:
         p.error(f"--method {args.method} needs --atlas DIR (subjects with both contrasts)")
@@ -86,7 +85,8 @@ def build_method(args, source, target):
     from mrijax import data, methods
 
     if args.method == "cae":
-        return methods.CAEMethod(args.checkpoint, compute_dtype=args.dtype, tile=args.tile or None)
+        tile = methods.DEFAULT_TILE if args.tile is None else args.tile or None  # 0: one pass
+        return methods.CAEMethod(args.checkpoint, compute_dtype=args.dtype, tile=tile)
     atlas = data.load_subjects(args.atlas, source=source, target=target)
     return methods.MimecsMethod(atlas) if args.method == "mimecs" else methods.LUTMethod(atlas)
 
