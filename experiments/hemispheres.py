@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Split subjects into left and right hemispheres, for own-subject upper bounds:
+`python experiments/hemispheres.py --data ../shared/data/mri --subjects ms19,tcgafg6692 --out /tmp/halves`.
+
+Writes a BIDS-like folder with two subjects per given subject, `sub-<id>L` and `sub-<id>R`: their images are
+links to the originals and their mask is the brain mask cut at the median left-right coordinate of the brain
+(canonical axis 0). Training on the `L` halves and testing on the `R` halves measures what a method reaches
+when train and test come from the same scan (same scanner, contrast, lesion load): an upper bound for what it
+can reach on a new subject. Any other subjects named in --keep are linked unchanged (e.g. to fit baselines).
+Each half is normalised by its own brain mean, as every subject is.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mrijax.data import io, preprocessing, subjects  # noqa: E402
+
+
+def split_masks(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (left, right) halves of a canonical RAS+ brain mask, cut at the median x of its voxels."""
+    x = np.nonzero(mask)[0]
+    cut = int(np.median(x))
+    left, right = mask.copy(), mask.copy()
+    left[cut:] = False  # RAS+: x grows to the right
+    right[:cut] = False
+    return left, right
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--subjects", required=True, help="comma-separated ids to split")
+    p.add_argument("--keep", default="", help="comma-separated ids to link unchanged")
+    p.add_argument("--modalities", default="T1w,T2w")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    modalities = args.modalities.split(",")
+    entries = {e["id"]: e for e in subjects.discover(args.data, modalities)}
+    out = Path(args.out)
+
+    def entry_of(wanted: str) -> dict:
+        for sid in (wanted, f"sub-{wanted}"):
+            if sid in entries:
+                return entries[sid]
+        raise SystemExit(f"error: {args.data}: no subject {wanted} with {', '.join(modalities)}; "
+                         f"available: {', '.join(entries)}")
+
+    kept = [entry_of(w) for w in filter(None, args.keep.split(","))]
+    split = [entry_of(w) for w in filter(None, args.subjects.split(","))]  # every id checked before writing
+    for entry in kept:
+        for key in modalities + (["mask"] if entry.get("mask") else []):
+            _link(Path(entry[key]), out / entry["id"] / "anat" / Path(entry[key]).name)
+    for entry in split:
+        source = io.load_volume(entry[modalities[0]])
+        target = io.load_volume(entry[modalities[1]])
+        mask_volume = io.load_volume(entry["mask"]) if entry.get("mask") else None
+        mask = preprocessing.brain_mask(source, target, mask_volume)
+        for side, half in zip("LR", split_masks(mask)):
+            name = f"{entry['id']}{side}"
+            for key in modalities:
+                _link(Path(entry[key]), out / name / "anat" / f"{name}_{key}.nii.gz")
+            io.save_like(half.astype(np.float32), source, out / name / "anat" / f"{name}_mask.nii.gz",
+                         description=f"{side} hemisphere of {entry['id']}")
+            print(f"{name}: {int(half.sum())} brain voxels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
