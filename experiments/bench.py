@@ -5,7 +5,7 @@
     python experiments/bench.py --mode train --variant base --batch 1 --output 48   # one dense 48^3 crop
     python experiments/bench.py --mode infer --variant base --shape 96 96 96 --compare
     python experiments/bench.py --mode synthesize --shape 96 112 96
-    python experiments/bench.py --mode train --variant base --batch 8 --hugepages --compare   # both with THP malloc
+    python experiments/bench.py --mode train --variant base --batch 8 --hugepages --compare   # both: tuned malloc
 
 Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch
 geometry (16^3 output), the same work as `torch_cae.py`. Infer: one eval-mode forward on an input of the given
@@ -45,7 +45,8 @@ def machine_info() -> dict:
         pass
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
             "cpu": cpu, "cores": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "malloc_conf": os.environ.get("MALLOC_CONF", "")}
 
 
 def timed(fn, *args):
@@ -59,20 +60,27 @@ def bench_train(args) -> dict:
     rng = np.random.default_rng(0)
     batch = {"source": jnp.asarray(rng.random((args.batch, *edge, 1), np.float32)),
              "target": jnp.asarray(rng.random((args.batch, *(args.output,) * 3, 1), np.float32))}
-    state = training.create_train_state(args.variant, impl=args.impl, compute_dtype=DTYPES[args.dtype],
-                                        bn_axis_name=None)
-    step = jax.jit(training.train_step, donate_argnums=0)
+    if args.devices == 1:
+        state = training.create_train_state(args.variant, impl=args.impl, compute_dtype=DTYPES[args.dtype],
+                                            bn_axis_name=None)
+        step = jax.jit(training.train_step, donate_argnums=0)
+    else:  # the trainer's pmapped step: the batch split over the devices, gradients and BN statistics synced
+        state = training.replicate(training.create_train_state(args.variant, impl=args.impl,
+                                                               compute_dtype=DTYPES[args.dtype]))
+        step, batch = training.parallel_steps()[0], training.shard_batch(batch)
     times, faults = [], []
-    for i in range(args.steps + 1):
+    for i in range(1 + args.warmup + args.steps):
         start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics["loss"])
-        if i:  # step 0 compiles
+        if i > args.warmup:  # step 0 compiles
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     median = float(np.median(times))
     return {"mode": "train", "input_shape": list(edge), "output": args.output, "batch": args.batch,
-            "steps": args.steps, "median_step_seconds": median, "page_faults_per_step": int(np.median(faults)),
+            "devices": jax.local_device_count(), "warmup": args.warmup, "steps": args.steps,
+            "median_step_seconds": median, "page_faults_per_step": int(np.median(faults)),
+            "step_seconds": [round(t, 3) for t in times], "step_page_faults": faults,
             "train_patches_per_s": args.batch * (args.output / 16) ** 3 / median}
 
 
@@ -121,6 +129,12 @@ def main():
     p.add_argument("--output", type=int, default=16, help="train: output edge (16: the paper's patches; "
                                                           "48/64: one dense crop, counted in 16^3 patches)")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--devices", type=int, default=1,
+                   help="train: CPU devices (jax_num_cpu_devices), one pmapped step over all of them; one per "
+                        "core lets each core run its own half of the batch's non-product work")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="train: untimed steps after the compiling one: the allocator takes a few steps to settle "
+                        "(see mrijax.cli.tune_malloc), and until then some steps take fresh pages")
     p.add_argument("--repeats", type=int, default=2, help="infer: timed forwards (the best is reported)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--impl", default=ops.best_impl(), choices=sorted(ops.IMPLEMENTATIONS))
@@ -132,14 +146,18 @@ def main():
                    help="--compare: PyTorch runs, one per dtype, right after the mrijax run")
     p.add_argument("--hugepages", action="store_true",
                    help="re-run this benchmark (and the PyTorch reference, which inherits the environment) with "
-                        "mrijax.cli.HUGE_PAGES in GLIBC_TUNABLES (huge pages, freed memory kept for reuse): XLA "
-                        "allocates its large buffers afresh every step, and their first-touch page faults cost "
-                        "~20%% of a base step here")
+                        "the allocator the CLIs use (mrijax.cli.tune_malloc: jemalloc when installed, else glibc "
+                        "tunables; huge pages, freed memory kept for reuse): XLA allocates one large buffer per "
+                        "step, and fresh pages cost a step ~2.5x here")
     args = p.parse_args()
     if args.hugepages:
-        cli.use_huge_pages()
+        cli.tune_malloc()
     if args.compare and (args.mode == "synthesize" or args.output != 16):
         p.error("--compare is for train (16^3 patches) and infer")
+    if args.devices != 1:
+        if args.mode != "train" or args.devices < 1 or args.batch % args.devices:
+            p.error(f"--devices {args.devices}: only for --mode train, with --batch a multiple of it")
+        jax.config.update("jax_num_cpu_devices", args.devices)
 
     run = {"train": bench_train, "infer": bench_infer, "synthesize": bench_synthesize}[args.mode]
     rec = {"impl": f"mrijax-{args.impl}", "variant": args.variant, "dtype": args.dtype, **machine_info()}

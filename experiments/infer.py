@@ -135,5 +135,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.use_huge_pages()
+    cli.tune_malloc()
     cli.run(main)

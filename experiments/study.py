@@ -72,5 +72,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.use_huge_pages()
+    cli.tune_malloc()
     cli.run(main)

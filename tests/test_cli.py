@@ -94,6 +94,7 @@ def _cli(script, *args):
 @pytest.mark.parametrize("script,args,needle", [
     ("train.py", ["--variant", "huge"], "invalid choice"),
     ("train.py", ["--epochs", "0"], "--epochs must be >= 1"),
+    ("train.py", ["--devices", "0"], "--devices must be >= 1"),
     ("train.py", ["--data", "/nonexistent/folder"], "/nonexistent/folder"),
     ("infer.py", ["-i", "/nonexistent.nii.gz"], "/nonexistent.nii.gz"),
     ("infer.py", ["-i", "x.nii.gz", "--method", "mimecs"], "--atlas"),
@@ -107,6 +108,14 @@ def test_bad_flags_and_paths_give_one_line_errors(script, args, needle):
     assert needle in lines[-1] and "Traceback" not in result.stderr
 
 
+def test_train_devices_flag_splits_the_batch_over_cpu_devices(tmp_path, phantom_dataset):
+    result = _cli("train.py", "--preset", "smoke", "--data", str(phantom_dataset), "--epochs", "1", "--devices", "2",
+                  "--workdir", str(tmp_path / "run"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "| 2 devices" in result.stdout
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_train_on_mismatched_grids_names_the_file(tmp_path):
     write_synthetic_subject(tmp_path, "sub-01", seed=1)
     paths = write_synthetic_subject(tmp_path, "sub-02", seed=2)
@@ -118,19 +127,33 @@ def test_train_on_mismatched_grids_names_the_file(tmp_path):
     assert "different grids" in result.stderr
 
 
-def test_huge_page_restart_sets_the_tunable_once_and_can_be_turned_off(tmp_path):
+def test_malloc_restart_sets_the_allocator_once_and_can_be_turned_off(tmp_path):
     script = tmp_path / "show.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-                      "import os; from mrijax import cli\n"
-                      "cli.use_huge_pages(); print(os.environ.get('GLIBC_TUNABLES', ''))\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("GLIBC_TUNABLES", "MRIJAX_HUGEPAGES")}
-    run = lambda extra: subprocess.run([sys.executable, str(script)], env={**env, **extra}, capture_output=True,
-                                       text=True, timeout=60).stdout.strip()
-    if sys.platform.startswith("linux"):
-        assert run({}) == cli.HUGE_PAGES and "glibc.malloc.hugetlb=1" in cli.HUGE_PAGES
-        # the user's own tunables come last, so they override ours
-        assert run({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == cli.HUGE_PAGES + ":glibc.malloc.arena_max=2"
-    assert run({"MRIJAX_HUGEPAGES": "0"}) == ""
+                      "import os, json; from mrijax import cli\n"
+                      "cli.tune_malloc()\n"
+                      "maps = open('/proc/self/maps').read() if os.path.exists('/proc/self/maps') else ''\n"
+                      "print(json.dumps({k: os.environ.get(k, '') for k in ('GLIBC_TUNABLES', 'MALLOC_CONF')}\n"
+                      "                 | {'jemalloc_loaded': 'libjemalloc' in maps}))\n")
+    keys = ("GLIBC_TUNABLES", "MRIJAX_HUGEPAGES", "MRIJAX_JEMALLOC", "MALLOC_CONF", "LD_PRELOAD")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in keys}
+    run = lambda extra: json.loads(subprocess.run([sys.executable, str(script)], env={**env, **extra},
+                                                  capture_output=True, text=True, timeout=60).stdout)
+    off = run({"MRIJAX_HUGEPAGES": "0"})
+    assert off == {"GLIBC_TUNABLES": "", "MALLOC_CONF": "", "jemalloc_loaded": False}
+    if not sys.platform.startswith("linux"):
+        return
+    glibc = run({"MRIJAX_JEMALLOC": "0"})  # glibc tuned, no jemalloc
+    assert glibc == {"GLIBC_TUNABLES": cli.HUGE_PAGES, "MALLOC_CONF": "", "jemalloc_loaded": False}
+    # the user's own tunables come last, so they override ours
+    assert run({"MRIJAX_JEMALLOC": "0", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
+        cli.HUGE_PAGES + ":glibc.malloc.arena_max=2")
+    assert run({"MRIJAX_JEMALLOC": str(tmp_path / "missing.so")})["jemalloc_loaded"] is False
+    jemalloc = cli.find_jemalloc()
+    if jemalloc:  # installed (.ci/run installs it): preloaded, with our settings first and the user's last
+        shown = run({"MALLOC_CONF": "narenas:2"})
+        assert shown["jemalloc_loaded"] is True
+        assert shown["MALLOC_CONF"] == cli.JEMALLOC_CONF + ",narenas:2"
 
 
 def test_sigterm_saves_the_training_state_like_ctrl_c(tmp_path, phantom_dataset):
