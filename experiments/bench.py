@@ -99,7 +99,7 @@ def bench_infer(args) -> dict:
 def bench_synthesize(args) -> dict:
     variables = models.init_variables(args.variant)
     volume = np.random.default_rng(0).random(tuple(args.shape), np.float32) + 0.5
-    kwargs = {"impl": args.impl, "compute_dtype": DTYPES[args.dtype], "tile": args.tile or None}  # 0: one pass
+    kwargs = {"impl": args.impl, "compute_dtype": DTYPES[args.dtype], "tile": args.tile}
     start = time.perf_counter()
     mrijax.synthesize(variables, volume, **kwargs)
     first = time.perf_counter() - start

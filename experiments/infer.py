@@ -85,7 +85,7 @@ def build_method(args, source, target):
     from mrijax import data, methods
 
     if args.method == "cae":
-        tile = methods.DEFAULT_TILE if args.tile is None else args.tile or None  # 0: one pass
+        tile = methods.DEFAULT_TILE if args.tile is None else args.tile
         return methods.CAEMethod(args.checkpoint, compute_dtype=args.dtype, tile=tile)
     atlas = data.load_subjects(args.atlas, source=source, target=target)
     return methods.MimecsMethod(atlas) if args.method == "mimecs" else methods.LUTMethod(atlas)

@@ -29,7 +29,7 @@ def tile_plan(shape, mask, variant, tile: int | None = DEFAULT_TILE):
     """Padded output shape, tile output shape and the tile origins whose output block touches the brain."""
     k = models.shift_multiple(variant)
     out_shape = tuple(_round_up(max(s, 2 * k), k) for s in shape)
-    if tile is None:
+    if not tile:  # None or 0: one pass
         tile_shape = out_shape
     else:
         if tile % k or tile <= 0:
@@ -89,7 +89,7 @@ def synthesize(params, volume, mask=None, *, tile: int | None = DEFAULT_TILE, im
         from its layer names and shapes).
     volume: raw 3D source array in any intensity scale. mask: brain mask (else the positive voxels).
     Returns an array of the volume's shape, in normalised target units (target / (3 x its brain mean)),
-    zero outside the mask. `tile` bounds memory (None: one pass); `compute_dtype=jnp.bfloat16` is faster.
+    zero outside the mask. `tile` bounds memory (None or 0: one pass); `compute_dtype=jnp.bfloat16` is faster.
     """
     volume, mask = _validate(volume, mask)
     variant = models.recognise_variant(params)

@@ -23,7 +23,7 @@ class CAEMethod:
     variables: dict | None = None
     meta: dict | None = None
     compute_dtype: str = "float32"  # "bfloat16": faster on CPUs with bf16 units, f32 accumulation
-    tile: int | None = DEFAULT_TILE  # output tile edge of the whole-volume pass (None: one pass)
+    tile: int | None = DEFAULT_TILE  # output tile edge of the whole-volume pass (None or 0: one pass)
 
     def __post_init__(self):
         if self.variables is None:

@@ -39,6 +39,7 @@ def test_tiled_equals_one_pass(variant):
     one_pass = mrijax.synthesize(params, volume, tile=None)
     tiled = mrijax.synthesize(params, volume, tile=16)
     assert len(inference.tile_plan(volume.shape, brain, variant, 16)[2]) > 8  # really tiled
+    assert len(inference.tile_plan(volume.shape, brain, variant, 0)[2]) == 1  # 0, like None: one pass
     np.testing.assert_allclose(tiled, one_pass, rtol=1e-5, atol=1e-6)
 
 
