@@ -60,14 +60,13 @@ def bench_train(args) -> dict:
     rng = np.random.default_rng(0)
     batch = {"source": jnp.asarray(rng.random((args.batch, *edge, 1), np.float32)),
              "target": jnp.asarray(rng.random((args.batch, *(args.output,) * 3, 1), np.float32))}
-    if args.devices == 1:
-        state = training.create_train_state(args.variant, impl=args.impl, compute_dtype=DTYPES[args.dtype],
-                                            bn_axis_name=None)
+    pmapped = args.devices > 1  # the trainer's step: the batch split over the devices, gradients and BN synced
+    state = training.create_train_state(args.variant, impl=args.impl, compute_dtype=DTYPES[args.dtype],
+                                        bn_axis_name=training.AXIS if pmapped else None)
+    if pmapped:
+        state, step, batch = training.replicate(state), training.parallel_steps()[0], training.shard_batch(batch)
+    else:
         step = jax.jit(training.train_step, donate_argnums=0)
-    else:  # the trainer's pmapped step: the batch split over the devices, gradients and BN statistics synced
-        state = training.replicate(training.create_train_state(args.variant, impl=args.impl,
-                                                               compute_dtype=DTYPES[args.dtype]))
-        step, batch = training.parallel_steps()[0], training.shard_batch(batch)
     times, faults = [], []
     for i in range(1 + args.warmup + args.steps):
         start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -154,10 +153,9 @@ def main():
         cli.tune_malloc()
     if args.compare and (args.mode == "synthesize" or args.output != 16):
         p.error("--compare is for train (16^3 patches) and infer")
-    if args.devices != 1:
-        if args.mode != "train" or args.devices < 1 or args.batch % args.devices:
-            p.error(f"--devices {args.devices}: only for --mode train, with --batch a multiple of it")
-        jax.config.update("jax_num_cpu_devices", args.devices)
+    if args.devices != 1 and (args.mode != "train" or args.devices < 1 or args.batch % args.devices):
+        p.error(f"--devices {args.devices}: only for --mode train, with --batch a multiple of it")
+    cli.use_cpu_devices(args.devices)
 
     run = {"train": bench_train, "infer": bench_infer, "synthesize": bench_synthesize}[args.mode]
     rec = {"impl": f"mrijax-{args.impl}", "variant": args.variant, "dtype": args.dtype, **machine_info()}
