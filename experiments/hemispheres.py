@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mrijax.data import io, preprocessing, subjects  # noqa: E402
+from mrijax import cli, data  # noqa: E402
 
 
 def split_masks(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,39 +44,32 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--subjects", required=True, help="comma-separated ids to split")
     p.add_argument("--keep", default="", help="comma-separated ids to link unchanged")
-    p.add_argument("--modalities", default="T1w,T2w")
+    p.add_argument("--modalities", default="T1w,T2w", help="source,target")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    modalities = args.modalities.split(",")
-    entries = {e["id"]: e for e in subjects.discover(args.data, modalities)}
+    if len(args.modalities.split(",")) != 2:
+        p.error(f"--modalities takes two names, source,target; got {args.modalities!r}")
+    source, target = args.modalities.split(",")
+    ids = lambda flag: [i for i in flag.split(",") if i]
+    # Every id is checked (the library's lookup and message) before anything is written.
+    kept = data.find_subjects(args.data, (source, target), ids(args.keep))
+    split = data.find_subjects(args.data, (source, target), ids(args.subjects))
     out = Path(args.out)
-
-    def entry_of(wanted: str) -> dict:
-        for sid in (wanted, f"sub-{wanted}"):
-            if sid in entries:
-                return entries[sid]
-        raise SystemExit(f"error: {args.data}: no subject {wanted} with {', '.join(modalities)}; "
-                         f"available: {', '.join(entries)}")
-
-    kept = [entry_of(w) for w in filter(None, args.keep.split(","))]
-    split = [entry_of(w) for w in filter(None, args.subjects.split(","))]  # every id checked before writing
     for entry in kept:
-        for key in modalities + (["mask"] if entry.get("mask") else []):
-            _link(Path(entry[key]), out / entry["id"] / "anat" / Path(entry[key]).name)
+        for key in (source, target, "mask"):
+            if entry.get(key):
+                _link(Path(entry[key]), out / entry["id"] / "anat" / Path(entry[key]).name)
     for entry in split:
-        source = io.load_volume(entry[modalities[0]])
-        target = io.load_volume(entry[modalities[1]])
-        mask_volume = io.load_volume(entry["mask"]) if entry.get("mask") else None
-        mask = preprocessing.brain_mask(source, target, mask_volume)
-        for side, half in zip("LR", split_masks(mask)):
-            name = f"{entry['id']}{side}"
-            for key in modalities:
+        subject = data.load_subject(entry, source, target)  # grid checks and the brain mask, as for training
+        for side, half in zip("LR", split_masks(subject.mask)):
+            name = f"{subject.id}{side}"
+            for key in (source, target):
                 _link(Path(entry[key]), out / name / "anat" / f"{name}_{key}.nii.gz")
-            io.save_like(half.astype(np.float32), source, out / name / "anat" / f"{name}_mask.nii.gz",
-                         description=f"{side} hemisphere of {entry['id']}")
+            data.save_like(half.astype(np.float32), subject.source_volume, out / name / "anat" / f"{name}_mask.nii.gz",
+                           description=f"{side} hemisphere of {subject.id}")
             print(f"{name}: {int(half.sum())} brain voxels")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -40,6 +40,6 @@ def test_halves_partition_the_brain_left_and_right_in_every_orientation(hemisphe
 
 
 def test_an_unknown_subject_is_a_one_line_error(hemispheres, synthetic_dataset, tmp_path):
-    with pytest.raises(SystemExit, match="no subject 07 with T1w, T2w; available: sub-01"):
+    with pytest.raises(data.DataError, match="unknown subject id.s. 07; available: sub-01"):
         hemispheres.main(["--data", str(synthetic_dataset), "--subjects", "07", "--keep", "01", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()

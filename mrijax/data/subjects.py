@@ -184,14 +184,14 @@ def _matches(subject_id: str, wanted: str) -> bool:
     return subject_id == wanted or subject_id == f"sub-{wanted}"
 
 
-def load_subjects(root: str | Path, source: str = "T1w", target: str | None = "T2w",
-                  ids: Sequence[str] | None = None) -> list[Subject]:
-    """Load every subject (or those in `ids`, with or without the `sub-` prefix) that has both contrasts.
+def find_subjects(root: str | Path, modalities: Sequence[str], ids: Sequence[str] | None = None) -> list[dict]:
+    """The discovered entries (ids and file paths, nothing loaded) of every subject, or of those in `ids` (with or
+    without the `sub-` prefix), that has all `modalities`.
 
     Subjects requested by `ids` must be complete (else `DataError`); without `ids`, incomplete subjects are
     skipped with a warning, so e.g. T1w->FLAIR works on a folder where some subjects have no FLAIR.
     """
-    modalities = [source] + ([target] if target else [])
+    modalities = list(modalities)
     entries = _scan(root, modalities)
     if ids is not None:
         unknown = [i for i in ids if not any(_matches(e["id"], i) for e in entries)]
@@ -211,4 +211,11 @@ def load_subjects(root: str | Path, source: str = "T1w", target: str | None = "T
         entries = [e for e in entries if not _missing(e, modalities)]
         if not entries:
             raise DataError(f"{root}: no subject has both {' and '.join(modalities)}; check the modality names")
-    return [load_subject(entry, source, target) for entry in entries]
+    return entries
+
+
+def load_subjects(root: str | Path, source: str = "T1w", target: str | None = "T2w",
+                  ids: Sequence[str] | None = None) -> list[Subject]:
+    """Load every subject (or those in `ids`) that has both contrasts; see `find_subjects`."""
+    modalities = [source] + ([target] if target else [])
+    return [load_subject(entry, source, target) for entry in find_subjects(root, modalities, ids)]
