@@ -16,6 +16,8 @@ def find_jemalloc() -> str | None:
     system's (e.g. Debian/Ubuntu `apt install libjemalloc2`), else None."""
     chosen = os.environ.get("MRIJAX_JEMALLOC")
     if chosen is not None:
+        if chosen != "0" and not os.path.isfile(chosen):
+            print(f"note: MRIJAX_JEMALLOC={chosen} is not a file; using glibc malloc settings", file=sys.stderr)
         return chosen if chosen != "0" and os.path.isfile(chosen) else None
     import ctypes.util
 

@@ -148,7 +148,9 @@ def test_malloc_restart_sets_the_allocator_once_and_can_be_turned_off(tmp_path):
     # the user's own tunables come last, so they override ours
     assert run({"MRIJAX_JEMALLOC": "0", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
         cli.HUGE_PAGES + ":glibc.malloc.arena_max=2")
-    assert run({"MRIJAX_JEMALLOC": str(tmp_path / "missing.so")})["jemalloc_loaded"] is False
+    missing = {**env, "MRIJAX_JEMALLOC": str(tmp_path / "missing.so")}
+    shown = subprocess.run([sys.executable, str(script)], env=missing, capture_output=True, text=True, timeout=60)
+    assert json.loads(shown.stdout)["jemalloc_loaded"] is False and "missing.so is not a file" in shown.stderr
     jemalloc = cli.find_jemalloc()
     if jemalloc:  # installed (.ci/run installs it): preloaded, with our settings first and the user's last
         shown = run({"MALLOC_CONF": "narenas:2"})
