@@ -68,7 +68,7 @@ def _bounding_box(mask, margin: int):
 
 
 def ssim(pred, target, mask, data_range: float = DATA_RANGE, win_size: int = 7) -> float:
-    """3D SSIM (scikit-image) averaged over brain voxels.
+    """3D SSIM (scikit-image) averaged over brain voxels, on normalised units (the paper's setting).
 
     Both volumes are zeroed outside the mask first, so values there never matter (they are background
     after skull stripping anyway); the SSIM map is computed on the mask's bounding box (plus half a window)
@@ -87,10 +87,39 @@ def ssim(pred, target, mask, data_range: float = DATA_RANGE, win_size: int = 7) 
     return float(np.mean(ssim_map[mask_box]))
 
 
-def evaluate(pred, target, mask) -> dict[str, float]:
-    """All five metrics for one subject, keyed by the names in METRIC_NAMES."""
+def brats_normalise(image, mask, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """The BraTS missing-MRI challenge's scaling: clip to the image's own `low`-`high` percentiles over the brain
+    (the lower bound no less than 0), map that range to [0, 1]; zero outside the mask."""
+    image, _, mask = _validated(image, image, mask)
+    lo, hi = np.percentile(image[mask], [low, high])
+    lo = max(float(lo), 0.0)
+    if not hi > lo:
+        raise ValueError(f"brain intensities span no range between the {low} and {high} percentiles ({lo:.4g})")
+    return np.where(mask, (np.clip(image, lo, hi) - lo) / (hi - lo), 0.0)
+
+
+def ssim_brats(pred, target, mask, win_size: int = 7) -> float:
+    """SSIM as the BraTS missing-MRI challenge scores it: each image scaled by `brats_normalise` (so a global
+    intensity scale or offset of the prediction does not count, unlike `ssim`), then 3D SSIM with data range 1
+    averaged over the whole volume, background included (zero in both, as in skull-stripped challenge data)."""
+    pred, target, mask = _validated(pred, target, mask)
+    fit = min(win_size, *mask.shape)
+    fit -= 1 - fit % 2
+    if fit < 3:
+        raise ValueError(f"volume {mask.shape} is too thin for a 3D SSIM window")
+    return float(structural_similarity(brats_normalise(target, mask), brats_normalise(pred, mask), win_size=fit,
+                                       data_range=1.0))
+
+
+SSIM_VARIANTS = {"paper": ssim, "brats": ssim_brats}  # the report names the one a table uses
+
+
+def evaluate(pred, target, mask, ssim_variant: str = "paper") -> dict[str, float]:
+    """All five metrics for one subject, keyed by the names in METRIC_NAMES; "ssim" is `SSIM_VARIANTS[ssim_variant]`."""
+    if ssim_variant not in SSIM_VARIANTS:
+        raise ValueError(f"unknown SSIM variant {ssim_variant!r}; choose one of {', '.join(SSIM_VARIANTS)}")
     return {"mae": mae(pred, target, mask), "mse": mse(pred, target, mask), "snr": snr(pred, target, mask),
-            "psnr": psnr(pred, target, mask), "ssim": ssim(pred, target, mask)}
+            "psnr": psnr(pred, target, mask), "ssim": SSIM_VARIANTS[ssim_variant](pred, target, mask)}
 
 
 def summarise(results: list[dict[str, float]]) -> dict[str, tuple[float, float]]:

@@ -93,3 +93,44 @@ def test_summarise_and_table():
     assert len(lines) == 4
     assert lines[2].startswith("| lut | 2 ± 1 | 12 ± 2 | 1.5 |")
     assert lines[3].endswith("|  |")
+
+
+def test_brats_normalise_clips_to_own_percentiles_with_lower_bound_zero():
+    mask = np.ones((1, 1, 201), bool)
+    mask[0, 0, :1] = False  # background voxel: zero whatever its value
+    image = np.linspace(-100.0, 100.0, 201)[None, None, :]
+    lo, hi = 0.0, np.percentile(image[mask], 99.5)  # the 0.5th percentile is negative: the bound becomes 0
+    scaled = metrics.brats_normalise(image, mask)
+    assert scaled[0, 0, 0] == 0.0 and scaled.min() == 0.0 and scaled.max() == 1.0
+    inside = image[mask]
+    np.testing.assert_allclose(scaled[mask], (np.clip(inside, lo, hi) - lo) / (hi - lo))
+    assert np.all(scaled[mask][inside <= 0] == 0) and np.all(scaled[mask][inside >= hi] == 1)
+    with pytest.raises(ValueError, match="no range"):
+        metrics.brats_normalise(np.full((4, 4, 4), 2.0), np.ones((4, 4, 4), bool))
+
+
+def test_brats_ssim_ignores_global_scale_and_outliers_unlike_the_paper_ssim():
+    target, mask = _volume(seed=5)
+    noisy = target + 0.05 * np.random.default_rng(6).normal(size=target.shape)
+    brats = metrics.ssim_brats(noisy, target, mask)
+    assert 0 < brats < 1 and metrics.ssim_brats(target, target, mask) == pytest.approx(1.0)
+    # a prediction in other units (x 3) scores the same under BraTS' own-percentile scaling, worse in the paper's
+    assert metrics.ssim_brats(3 * noisy, target, mask) == pytest.approx(brats, rel=1e-9)
+    assert metrics.ssim(3 * noisy, target, mask) < metrics.ssim(noisy, target, mask) - 0.1
+    # one hot voxel above the 99.5th percentile is clipped away
+    spiked = noisy.copy()
+    spiked[np.nonzero(mask)[0][0], np.nonzero(mask)[1][0], np.nonzero(mask)[2][0]] = 1e6
+    assert metrics.ssim_brats(spiked, target, mask) == pytest.approx(brats, abs=0.02)
+    scores = [metrics.ssim_brats(target + s * np.random.default_rng(7).normal(size=target.shape), target, mask)
+              for s in (0.02, 0.1, 0.3)]
+    assert scores[0] > scores[1] > scores[2]
+
+
+def test_evaluate_selects_the_ssim_variant():
+    target, mask = _volume(seed=8)
+    pred = target + 0.05 * np.random.default_rng(9).normal(size=target.shape)
+    paper, brats = metrics.evaluate(pred, target, mask), metrics.evaluate(pred, target, mask, "brats")
+    assert paper["ssim"] == metrics.ssim(pred, target, mask) and brats["ssim"] == metrics.ssim_brats(pred, target, mask)
+    assert {k: v for k, v in paper.items() if k != "ssim"} == {k: v for k, v in brats.items() if k != "ssim"}
+    with pytest.raises(ValueError, match="brats"):
+        metrics.evaluate(pred, target, mask, "nope")
