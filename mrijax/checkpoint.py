@@ -18,7 +18,10 @@ import orbax.checkpoint as ocp
 
 from mrijax import models
 
-REPO_CKPT_DIR = Path(__file__).resolve().parents[1] / "ckpt"
+# The shipped models: the repository's top-level ckpt/, which the wheel carries as mrijax/ckpt (pyproject.toml).
+_PACKAGED = Path(__file__).resolve().parent / "ckpt"
+REPO_CKPT_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "ckpt"
+MODELS_ENV = "MRIJAX_MODELS"  # folders of the user's own models, searched by name before the shipped ones
 DEFAULT_MODEL = "t1w-t2w-base"  # the better of the shipped models on the held-out subjects (README)
 
 
@@ -68,18 +71,29 @@ def export_model(directory: str | os.PathLike, variables: dict, meta: dict) -> P
     return directory
 
 
+def model_dirs() -> list[Path]:
+    """Folders searched for a model given by name: $MRIJAX_MODELS (os.pathsep-separated), then the shipped."""
+    user = [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
+    return [*user, REPO_CKPT_DIR]
+
+
+def shipped_models() -> list[str]:
+    """Names of the models found by name (`model_dirs`), first occurrence wins; ckpt/runs/ is not searched."""
+    names = [p.parent.name for d in model_dirs() for p in sorted(d.glob("*/model.json"))]
+    return list(dict.fromkeys(names))
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike | None = None) -> Path:
-    """A model directory from a path, or a shipped model's name in ckpt/ (default: DEFAULT_MODEL)."""
+    """A model directory from a path, or a model's name in `model_dirs()` (default: DEFAULT_MODEL)."""
     candidate = Path(name_or_path or DEFAULT_MODEL)
-    for path in (candidate, REPO_CKPT_DIR / candidate):
+    for path in (candidate, *(d / candidate for d in model_dirs())):
         if (path / "model.json").is_file():
             return path.resolve()
     # A training workdir: use its best export.
     if (candidate / "best" / "model.json").is_file():
         return (candidate / "best").resolve()
-    shipped = sorted(p.name for p in REPO_CKPT_DIR.glob("*/model.json"))
     raise FileNotFoundError(f"no model at {candidate}: pass a directory holding model.json (a training "
-                            f"workdir's best/ or an export) or a shipped name: {', '.join(shipped) or 'none'}")
+                            f"workdir's best/ or an export) or a model name: {', '.join(shipped_models()) or 'none'}")
 
 
 def load_model(name_or_path: str | os.PathLike | None = None) -> tuple[dict, dict]:

@@ -111,7 +111,12 @@ def ssim_brats(pred, target, mask, win_size: int = 7) -> float:
                                        data_range=1.0))
 
 
-SSIM_VARIANTS = {"paper": ssim, "brats": ssim_brats}  # the report names the one a table uses
+SSIM_VARIANTS = {"paper": ssim, "brats": ssim_brats}
+SSIM_NOTES = {  # what a table's SSIM column is, for the reports
+    "paper": "SSIM: the paper's, 3D over brain voxels in normalised units (data range 1)",
+    "brats": "SSIM: the BraTS missing-MRI challenge's, each image scaled by its own 0.5-99.5 brain percentiles "
+             "(lower bound 0) to [0, 1], 3D over the whole volume",
+}
 
 
 def evaluate(pred, target, mask, ssim_variant: str = "paper") -> dict[str, float]:

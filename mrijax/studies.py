@@ -13,7 +13,6 @@ resumes the stored one; anything else in that folder is refused rather than mixe
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -22,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mrijax import checkpoint, metrics, models, plotting
+from mrijax import checkpoint, metrics, models, plotting, report
 from mrijax.config import PRESETS, TrainConfig
 from mrijax.inference import synthesize
 from mrijax.trainer import Trainer, split_subjects
@@ -231,7 +230,8 @@ def report_markdown(result: dict) -> str:
     for name, per_subject in result.get("reference", {}).items():
         synth[f"{name} (reference)"] = metrics.summarise(list(per_subject.values()))
     lines += ["", "## Whole-volume synthesis of the validation subjects (best model by validation MSE)", "",
-              metrics.format_table(synth), f"![{result['study']}]({result['study']}.png)", ""]
+              metrics.SSIM_NOTES["paper"] + ".", "", metrics.format_table(synth),
+              f"![{result['study']}]({result['study']}.png)", ""]
     return "\n".join(lines)
 
 
@@ -260,11 +260,5 @@ def run_study(study: str | Study, preset: str, subjects, val, out_dir, epochs: i
               "reference": {"LUT": lut_reference(*split_subjects(subjects, val))}}
     plotting.plot_loss_curves({r["label"]: r["history"] for r in records}, out_dir / f"{study.name}.png",
                               baseline_mse=baseline_mse, title=f"{study.name} study ({preset})")
-    (out_dir / f"{study.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / f"{study.name}.md").write_text(report_markdown(result))
-    with open(out_dir / f"{study.name}.csv", "w", newline="") as f:
-        rows = [_row(r) for r in records]
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    report.write_report(out_dir, [_row(r) for r in records], report_markdown(result), result, name=study.name)
     return result

@@ -10,12 +10,11 @@ import pytest
 
 import mrijax
 from mrijax import checkpoint, cli
+from mrijax.cli import infer
 
 from conftest import write_synthetic_subject
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-import infer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +128,7 @@ def test_train_on_mismatched_grids_names_the_file(tmp_path):
 
 def test_malloc_restart_sets_the_allocator_once_and_can_be_turned_off(tmp_path):
     script = tmp_path / "show.py"
-    script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-                      "import os, json; from mrijax import cli\n"
+    script.write_text("import os, json; from mrijax import cli\n"
                       "cli.tune_malloc()\n"
                       "maps = open('/proc/self/maps').read() if os.path.exists('/proc/self/maps') else ''\n"
                       "print(json.dumps({k: os.environ.get(k, '') for k in ('GLIBC_TUNABLES', 'MALLOC_CONF')}\n"
