@@ -1,5 +1,9 @@
-"""The command lines as users run them: outputs on the input's grid, per-file failures, one-line errors."""
+"""The command lines as users run them: outputs on the input's grid, per-file failures, one-line errors, flags
+generated from TrainConfig, the `mrijax` console script and its experiments/*.py wrappers."""
+import dataclasses
 import json
+import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +14,10 @@ import pytest
 
 import mrijax
 from mrijax import checkpoint, cli
-from mrijax.cli import infer
+from mrijax.cli import bench, flags, infer, main as cli_main, train
+from mrijax.config import PRESETS, TrainConfig
 
-from conftest import write_synthetic_subject
+from conftest import ras_affine, synthetic_brain, write_canonical, write_synthetic_subject
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,6 +112,7 @@ def test_bad_flags_and_paths_give_one_line_errors(script, args, needle):
     assert needle in lines[-1] and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_devices_flag_splits_the_batch_over_cpu_devices(tmp_path, phantom_dataset):
     result = _cli("train.py", "--preset", "smoke", "--data", str(phantom_dataset), "--epochs", "1", "--devices", "2",
                   "--workdir", str(tmp_path / "run"), "--no-progress")
@@ -115,6 +121,7 @@ def test_train_devices_flag_splits_the_batch_over_cpu_devices(tmp_path, phantom_
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_train_on_mismatched_grids_names_the_file(tmp_path):
     write_synthetic_subject(tmp_path, "sub-01", seed=1)
     paths = write_synthetic_subject(tmp_path, "sub-02", seed=2)
@@ -156,6 +163,7 @@ def test_malloc_restart_sets_the_allocator_once_and_can_be_turned_off(tmp_path):
         assert shown["MALLOC_CONF"] == cli.JEMALLOC_CONF + ",narenas:2"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_training_state_like_ctrl_c(tmp_path, phantom_dataset):
     """A killed run (scheduler, `kill`) saves where it stopped, so --resume can continue it."""
     import os
@@ -178,3 +186,189 @@ def test_sigterm_saves_the_training_state_like_ctrl_c(tmp_path, phantom_dataset)
     assert "interrupted: saved step" in out
     saved = int(out.split("interrupted: saved step")[1].split()[0])
     assert saved >= 3 and (workdir / "checkpoints" / str(saved)).is_dir()
+
+
+MRIJAX = Path(sys.executable).parent / "mrijax"  # the console script of this environment
+
+
+def test_console_script_lists_every_command_and_rejects_others():
+    shown = subprocess.run([MRIJAX, "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    assert all(f"    {name} " in shown.stdout or f"    {name}\n" in shown.stdout for name in cli_main.COMMANDS)
+    wrong = subprocess.run([MRIJAX, "trian"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "invalid choice: 'trian'" in wrong.stderr
+
+
+def test_console_script_and_wrapper_take_the_same_flags_through_the_allocator_restart():
+    """Both re-exec themselves (tune_malloc) and must still see their flags: the same one-line error."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MRIJAX_HUGEPAGES", "LD_PRELOAD")}
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd="/") for cmd in (
+        [MRIJAX, "train", "--dropout", "1.5"],
+        [sys.executable, str(REPO / "experiments" / "train.py"), "--dropout", "1.5"])]
+    for run in runs:
+        assert run.returncode == 2
+        assert run.stderr.strip().splitlines()[-1] == "error: --dropout must be in [0, 1), got 1.5"
+
+
+def test_malloc_restart_keeps_a_module_command_line(tmp_path):
+    """`python -m ...` (and console scripts) restart with the same command line: tune_malloc uses sys.orig_argv."""
+    (tmp_path / "show_argv.py").write_text("import json, os, sys; from mrijax import cli\ncli.tune_malloc()\n"
+                                           "print(json.dumps([sys.argv[1:], os.environ.get('GLIBC_TUNABLES', '')]))\n")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MRIJAX_HUGEPAGES")},
+           "PYTHONPATH": str(tmp_path), "MRIJAX_JEMALLOC": "0"}
+    shown = subprocess.run([sys.executable, "-m", "show_argv", "a", "--b=1"], capture_output=True, text=True,
+                           timeout=60, env=env)
+    argv, tunables = json.loads(shown.stdout)
+    assert argv == ["a", "--b=1"]
+    if sys.platform.startswith("linux"):
+        assert tunables == cli.HUGE_PAGES
+
+
+def test_every_train_config_field_is_a_flag_and_only_given_flags_override_the_preset():
+    args = train.parse_args(["--preset", "smoke", "--lr", "0.5", "--no-flip", "--patch-step", "8", "--dtype",
+                             "bfloat16"])
+    assert all(getattr(args, name) is None for name in flags.config_fields()
+               if name not in ("lr", "flip", "patch_step", "compute_dtype"))
+    overrides = flags.config_overrides(args)
+    assert overrides == {"lr": 0.5, "flip": False, "patch_step": 8, "compute_dtype": "bfloat16"}
+    config = PRESETS[args.preset].replace(**overrides)
+    assert config == dataclasses.replace(PRESETS["smoke"], lr=0.5, patch_step=8, compute_dtype="bfloat16")
+    assert set(flags.config_fields()) == {f.name for f in dataclasses.fields(TrainConfig)
+                                          if f.metadata.get("cli", True)}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dtype", "bf16"])
+    with pytest.raises(ValueError, match="--epochs must be >= 1, got 0"):
+        flags.config_overrides(train.parse_args(["--epochs", "0"]))
+
+
+def test_flag_types_follow_the_field_types():
+    @dataclasses.dataclass
+    class Example:
+        names: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "some names"})
+        cap: int | None = None
+        tag: str | None = dataclasses.field(default=None, metadata={"flag": "--label", "choices": ("a", "b")})
+        on: bool = False
+
+    import argparse
+    import typing
+
+    parser = argparse.ArgumentParser()
+    hints = typing.get_type_hints(Example)
+    for field in dataclasses.fields(Example):
+        flag, kwargs = flags._argument(field, hints[field.name])
+        parser.add_argument(flag, **kwargs)
+    args = parser.parse_args(["--names", "T1w,T2w,", "--cap", "3", "--label", "b", "--on"])
+    assert (args.names, args.cap, args.tag, args.on) == (("T1w", "T2w"), 3, "b", True)
+    assert parser.parse_args([]).on is None and parser.parse_args(["--no-on"]).on is False
+    assert "some names" in parser.format_help() and "--cap CAP" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--label", "c"])
+
+
+@pytest.mark.parametrize("module", ["train", "infer", "study", "bench"])
+def test_dtype_takes_the_same_values_in_every_command(module):
+    import importlib
+
+    parse = importlib.import_module(f"mrijax.cli.{module}").parse_args
+    required = ["--study", "width"] if module == "study" else []
+    assert parse([*required, "--dtype", "bfloat16"]).compute_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse([*required, "--dtype", "bf16"])
+
+
+def _write_with_zooms(path, zooms, axcodes="RAS", shape=(26, 30, 22)):
+    return write_canonical(path, synthetic_brain(shape)["T1w"], ras_affine(shape, zooms), axcodes)
+
+
+def test_voxel_size_far_from_the_training_data_gets_one_warning_line(tmp_path, tiny_model, capsys):
+    thick = _write_with_zooms(tmp_path / "thick.nii.gz", (0.5, 0.5, 6.0), axcodes="ASL")
+    fine = _write_with_zooms(tmp_path / "fine.nii.gz", (1.0, 1.2, 0.9))
+    assert infer.canonical_zooms(thick) == (0.5, 0.5, 6.0)  # stored A, S, L: reported in R, A, S order
+    for path in (thick, fine):
+        assert infer.main(["-i", str(path), "-o", str(tmp_path / f"out-{path.name}"), "--checkpoint",
+                           str(tiny_model)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {thick}: voxel size 0.5 x 0.5 x 6 mm is far from the model's training data "
+                        "(1 x 1 x 1 mm); resample to ~1 mm (e.g. FreeSurfer mri_convert -vs 1 1 1, or ANTs/FSL) "
+                        "for a reliable result"]
+    assert (tmp_path / "out-thick.nii.gz").exists()  # a warning, not a refusal
+    assert infer.voxel_size_warning(fine, (2.0, 2.0, 2.0), trained=(2.0, 2.0, 2.0)) is None  # model card's size
+    assert infer.voxel_size_warning(fine, (1.0, 1.0, 1.0), trained=(3.0, 3.0, 3.0)) is not None
+
+
+def _malformed(kind, path):
+    """Write one kind of bad input a user meets."""
+    import nibabel as nib
+
+    arrays = {"2d": np.ones((20, 20), np.float32), "4d": np.ones((20, 20, 20, 3), np.float32),
+              "rgb": np.ones((20, 20, 20, 3), np.float32), "inf": np.full((20, 20, 20), np.inf, np.float32)}
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), path)
+        path.write_bytes(path.read_bytes()[:200])
+    elif kind == "rgb":
+        rgb = np.zeros((20, 20, 20), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+    else:
+        nib.save(nib.Nifti1Image(arrays[kind], np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["2d", "4d", "rgb", "empty", "truncated", "inf"])
+def test_malformed_input_is_one_error_line_naming_the_file_once(tmp_path, tiny_model, capsys, kind):
+    bad = _malformed(kind, tmp_path / f"{kind}.nii.gz")
+    assert infer.main(["-i", str(bad), "-o", str(tmp_path / "out.nii.gz"), "--checkpoint", str(tiny_model)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].count(bad.name) == 1, err
+    assert "Traceback" not in err and not (tmp_path / "out.nii.gz").exists()
+
+
+def test_bench_pure_parts():
+    info = bench.cpu_info("model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile sse\n")
+    assert info == {"cpu": "Some Xeon", "cpu_flags": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f"]}
+    done = bench.summary({"mrijax": [2.0, 3.0, 9.0], "pytorch_float32": [4.0, 3.0, 3.0]}, "x_per_s")
+    assert done["ratio_over_pytorch_float32"] == [0.5, 1.0, 3.0] and done["median_ratio_over_pytorch_float32"] == 1.0
+
+
+def test_bench_rounds_alternate_mrijax_and_the_reference(tmp_path):
+    """--rounds N --compare: mrijax, then each PyTorch dtype, N times; a summary with per-round values and the
+    median ratios. A stand-in reference (fixed speeds per dtype) makes the ratios checkable."""
+    fake = tmp_path / "torch_cae.py"
+    fake.write_text("import json, sys\ndtype = sys.argv[sys.argv.index('--dtype') + 1]\n"
+                    "speed = {'fp32': 1e3, 'bf16': 4e3}[dtype]\n"
+                    "print(json.dumps({'impl': 'fake-' + dtype, 'output_voxels_per_s': speed}))\n")
+    run = subprocess.run([MRIJAX, "bench", "--mode", "infer", "--variant", "narrow", "--shape", "30", "30", "30",
+                          "--repeats", "1", "--rounds", "2", "--compare"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "MRIJAX_TORCH_CAE": str(fake)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["impl"].split("-")[0] for r in records[:-1]] == ["mrijax", "fake", "fake"] * 2
+    total = records[-1]
+    mine = [r["output_voxels_per_s"] for r in records[:-1] if r["impl"].startswith("mrijax")]
+    assert total["rounds"] == 2 and total["pytorch_bfloat16"] == [4e3, 4e3]
+    assert total["mrijax"] == [round(v, 4) for v in mine]
+    assert total["median_ratio_over_pytorch_float32"] == pytest.approx(statistics.median(mine) / 1e3, rel=1e-3)
+    assert {"cpu", "cpu_flags", "allocator", "loadavg_1min"} <= set(total) and len(total["loadavg_1min"]) == 2
+
+
+@pytest.mark.slow
+def test_evaluate_names_the_ssim_variant_of_its_table(tmp_path, tiny_model):
+    from mrijax.cli import evaluate
+
+    for i in (1, 2, 3):
+        write_synthetic_subject(tmp_path / "data", f"sub-0{i}", seed=i)
+    reports = {}
+    for variant in ("paper", "brats"):
+        out = tmp_path / variant
+        assert evaluate.main(["--data", str(tmp_path / "data"), "--models", str(tiny_model), "--test-subjects",
+                              "sub-03", "--atlas-subjects", "sub-01,sub-02", "--ssim", variant, "--out", str(out)]) == 0
+        reports[variant] = json.loads((out / "report.json").read_text())
+        assert reports[variant]["ssim"] == variant
+        assert [r["method"] for r in reports[variant]["rows"]] == ["CAE-narrow", "LUT"]
+        assert (out / "report.csv").read_text().splitlines()[0] == "subject,method,MAE,MSE,SNR,PSNR,SSIM,seconds"
+    assert "BraTS" in (tmp_path / "brats" / "report.md").read_text()
+    assert "BraTS" not in (tmp_path / "paper" / "report.md").read_text()
+    for paper, brats in zip(reports["paper"]["rows"], reports["brats"]["rows"]):
+        assert paper["MSE"] == brats["MSE"] and paper["SSIM"] != brats["SSIM"]

@@ -105,9 +105,10 @@ def _settings(args) -> dict:
 
     from mrijax import ops
 
-    return {"variant": flags.config_value(args, "variant"), "impl": flags.config_value(args, "impl") or ops.DEFAULT_IMPL,
-            "dtype": flags.config_value(args, "compute_dtype"),
-            "jnp_dtype": {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[flags.config_value(args, "compute_dtype")]}
+    dtype = flags.config_value(args, "compute_dtype")
+    impl = flags.config_value(args, "impl") or ops.DEFAULT_IMPL
+    return {"variant": flags.config_value(args, "variant"), "impl": impl, "dtype": dtype,
+            "jnp_dtype": {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]}
 
 
 def bench_train(args) -> dict:
@@ -207,7 +208,8 @@ def run_torch(args, dtype: str) -> dict:
 
 def summary(values: dict[str, list[float]], metric: str) -> dict:
     """Per-round values of every side, each PyTorch side's per-round ratios mrijax / PyTorch and their median."""
-    out = {"metric": metric, "rounds": len(values["mrijax"]), **{k: [round(v, 4) for v in vs] for k, vs in values.items()}}
+    out = {"metric": metric, "rounds": len(values["mrijax"]),
+           **{side: [round(v, 4) for v in vs] for side, vs in values.items()}}
     for side, theirs in values.items():
         if side != "mrijax":
             ratios = [m / t for m, t in zip(values["mrijax"], theirs)]

@@ -8,6 +8,7 @@ Reorienting only permutes and flips axes; nothing is ever interpolated.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -41,9 +42,11 @@ class Volume:
         return tuple(self.data.shape)
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, path: Path) -> str:
+    """The library error's first line without the file name our message already starts with."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    text = re.sub(rf"[\s:,]*'?{re.escape(str(path))}'?", "", text[0]).strip() if text else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def load_volume(path: str | Path) -> Volume:
@@ -65,7 +68,8 @@ def load_volume(path: str | Path) -> Volume:
         raise
     except Exception as error:  # nibabel raises many types for corrupt/truncated/non-NIfTI files
         raise DataError(
-            f"{path}: cannot read as NIfTI ({_first_line(error)}); re-export it as a valid .nii/.nii.gz") from error
+            f"{path}: cannot read as NIfTI ({_first_line(error, path)}); re-export it as a valid .nii/.nii.gz"
+        ) from error
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if n_bad:
         raise DataError(f"{path}: {n_bad} voxels are NaN or Inf; replace them (e.g. by 0) before use")
