@@ -1,6 +1,7 @@
 """What `pip install .` gives a user: the wheel carries the shipped models (and no training runs), and the
 installed `mrijax` command synthesizes from any folder with the default model."""
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -18,8 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_installed_outside_the_checkout_synthesizes_with_the_shipped_model(tmp_path):
-    # Build the wheel (build isolation: setuptools from the package index), without the dependencies.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(REPO)],
+    # Build the wheel from a copy of the checkout (setuptools writes build/ into the source tree), with a training
+    # run in ckpt/runs/ that must stay out; build isolation takes setuptools from the package index, no dependencies.
+    source = tmp_path / "src"
+    top_level = {".git", "build", "dist", "results", "data", ".venv", ".ci-venv", "mrijax.egg-info"}
+    skip = lambda folder, names: [n for n in names if n == "__pycache__" or (  # noqa: E731
+        Path(folder) == REPO and n in top_level) or Path(folder) == REPO / "ckpt" and n == "runs"]
+    shutil.copytree(REPO, source, ignore=skip)
+    run_dir = source / "ckpt" / "runs" / "base-quick" / "best"
+    shutil.copytree(REPO / "ckpt" / "t1w-t2w-base", run_dir)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(source)],
                    check=True, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("mrijax-*.whl"))
     packaged = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("mrijax/ckpt/")}
