@@ -347,7 +347,7 @@ def test_bench_rounds_alternate_mrijax_and_the_reference(tmp_path):
     assert [r["impl"].split("-")[0] for r in records[:-1]] == ["mrijax", "fake", "fake"] * 2
     total = records[-1]
     mine = [r["output_voxels_per_s"] for r in records[:-1] if r["impl"].startswith("mrijax")]
-    assert total["rounds"] == 2 and total["pytorch_bfloat16"] == [4e3, 4e3]
+    assert total["rounds"] == 2 and total["pytorch_bfloat16"] == [4e3, 4e3] and total["setting"] == "auto/float32"
     assert total["mrijax"] == [round(v, 4) for v in mine]
     assert total["median_ratio_over_pytorch_float32"] == pytest.approx(statistics.median(mine) / 1e3, rel=1e-3)
     assert {"cpu", "cpu_flags", "allocator", "loadavg_1min"} <= set(total) and len(total["loadavg_1min"]) == 2

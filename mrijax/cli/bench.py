@@ -238,7 +238,7 @@ def main(argv=None) -> int:
             print(json.dumps(ref), flush=True)
             values.setdefault(f"pytorch_{dtype}", []).append(ref[METRIC[args.mode]])
     if args.compare or args.rounds > 1:
-        print(json.dumps({"mode": args.mode, "variant": s["variant"], "mrijax": f"{s['impl']}/{s['dtype']}",
+        print(json.dumps({"mode": args.mode, "variant": s["variant"], "setting": f"{s['impl']}/{s['dtype']}",
                           **summary(values, METRIC[args.mode]),
                           "cpu": machine["cpu"], "cpu_flags": machine["cpu_flags"],
                           "allocator": machine["allocator"], "loadavg_1min": loads}), flush=True)
