@@ -74,9 +74,9 @@ def main(argv=None) -> int:
     atlas = [by_id[i] for i in atlas_ids]
     all_methods = list(cae)
     if "lut" in args.baselines:
-        all_methods.append(methods.LUTMethod(atlas))
+        all_methods.append(methods.lut_method(atlas))
     if "mimecs" in args.baselines:
-        all_methods.append(methods.MimecsMethod(atlas))
+        all_methods.append(methods.mimecs_method(atlas))
     for name in {m.name for m in all_methods}:
         if sum(m.name == name for m in all_methods) > 1:  # two CAEs of one variant: name by folder
             for m in all_methods:

@@ -113,7 +113,7 @@ def build_method(args, source, target):
         tile = methods.DEFAULT_TILE if args.tile is None else args.tile
         return methods.CAEMethod(args.checkpoint, compute_dtype=flags.config_value(args, "compute_dtype"), tile=tile)
     atlas = data.load_subjects(args.atlas, source=source, target=target)
-    return methods.MimecsMethod(atlas) if args.method == "mimecs" else methods.LUTMethod(atlas)
+    return methods.mimecs_method(atlas) if args.method == "mimecs" else methods.lut_method(atlas)
 
 
 def demo(args) -> int:

@@ -50,7 +50,7 @@ def main(argv=None):
     if args.baseline:
         from mrijax import methods
 
-        method = (methods.MimecsMethod if args.baseline == "mimecs" else methods.LUTMethod)(train_subjects)
+        method = (methods.mimecs_method if args.baseline == "mimecs" else methods.lut_method)(train_subjects)
         predictions = {s.id: method.predict(s.source, s.mask) for s in val_subjects}
         run.baseline_mse = trainer.block_mse(predictions, val_subjects, run.val_records, run.out_shape)
         run.baseline_label = method.name
