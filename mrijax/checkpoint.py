@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ DEFAULT_MODEL = "t1w-t2w-base"  # the better of the shipped models on the held-o
 
 def _state_tree(state) -> dict:
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "rng": state.rng}
+            "opt_state": state.opt_state, "rng": state.rng, "constants": state.constants}
 
 
 def make_manager(workdir: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -56,14 +57,16 @@ def restore_state(manager: ocp.CheckpointManager, template_state, step: int | No
 
 
 def export_model(directory: str | os.PathLike, variables: dict, meta: dict) -> Path:
-    """Write {"params", "batch_stats"} and model.json; overwrites an earlier export in `directory`.
+    """Write the variables ({"params", "batch_stats"}, and "lut" for an anchored model) and model.json;
+    overwrites an earlier export in `directory`.
 
     In a multi-process run every process must call this (orbax synchronises them); process 0 writes.
     """
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    variables = jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
-    meta = {"variant": models.recognise_variant(variables), **meta}
+    variables = jax.device_get({k: variables[k] for k in ("params", "batch_stats", "lut") if k in variables})
+    config = models.recognise_config(variables)
+    meta = {"variant": config.name, "anchor": "lut" if config.anchor else "none", **meta}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "variables", variables, force=True)
     if jax.process_index() == 0:
@@ -100,8 +103,8 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> tuple[dict, dic
     """(variables, meta) of an exported or shipped model, ready for `mrijax.synthesize`."""
     directory = resolve_model_dir(name_or_path)
     meta = json.loads((directory / "model.json").read_text())
-    abstract = jax.eval_shape(lambda: models.init_variables(meta["variant"]))
+    config = dataclasses.replace(models.get_config(meta["variant"]), anchor=meta.get("anchor", "none") == "lut")
+    abstract = jax.eval_shape(lambda: models.init_variables(config))
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(directory / "variables", abstract)
-    variables = jax.tree_util.tree_map(np.asarray, variables)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, meta
+    return jax.tree_util.tree_map(np.asarray, variables), meta

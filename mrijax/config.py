@@ -4,43 +4,68 @@
 protocol (38^3 input -> 16^3 target, step 16). A larger crop ("dense" training) predicts one big block,
 e.g. 48^3 from 70^3: with step = crop the targets tile exactly the same brain voxels as the paper's
 16^3 patches, but the overlapping input context is computed once instead of per patch, so a trained
-voxel costs ~4x fewer FLOPs. BatchNorm then normalises over fewer, larger samples; the loss is the same
-per-voxel MSE. `batch_size` counts samples (crops) per global step.
+voxel costs ~4x fewer FLOPs. BatchNorm then normalises over fewer, larger samples. `batch_size` counts
+samples (crops) per global step.
+
+Each field's `metadata` carries its command-line help (and flag name or choices where they differ from the
+field), so the CLI generates its training flags from this class: a flag is defined here, once.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from mrijax.models import VARIANTS
+
+LOSSES = ("all", "brain")
+ANCHORS = ("none", "lut")
+
+
+def _field(default, help: str, **extra):
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    variant: str = "base"
-    source: str = "T1w"
-    target: str = "T2w"
-    epochs: int = 60
-    batch_size: int = 32
-    lr: float = 1e-3
-    crop: int = 16  # output block edge (16 = the paper's patches)
-    patch_step: int | None = None  # grid step of block centres; None: = crop (16 for the paper protocol)
-    seed: int = 0
-    compute_dtype: str = "float32"  # "bfloat16": bf16 conv inputs, f32 accumulation (fast only on bf16 CPUs/GPUs)
-    impl: str | None = None  # convolution implementation (None: mrijax.ops.DEFAULT_IMPL)
-    weight_decay: float = 0.0  # L2 on kernels (regularisation study)
-    dropout: float = 0.0  # dropout before hidden convs (regularisation study)
-    jitter: int = 0  # augmentation: shift block centres by up to this many voxels per axis, anew each epoch
-    flip: bool = False  # augmentation: add left-right mirrored copies of the training subjects
-    schedule: str = "constant"  # learning rate: "constant" (the paper) or "cosine" decay to 0 over all epochs
-    init_from: str | None = None  # warm start (fine-tuning): a model directory or shipped name; fresh optimizer
-    max_steps_per_epoch: int | None = None  # cap, for smoke runs
-    max_val_batches: int | None = None  # cap, for smoke runs
+    variant: str = _field("base", "network variant", choices=VARIANTS)
+    source: str = _field("T1w", "source contrast (input), a modality name of the data")
+    target: str = _field("T2w", "target contrast (output), a modality name of the data")
+    epochs: int = _field(60, "training epochs")
+    batch_size: int = _field(32, "global batch: samples (blocks) per step (paper: 32)")
+    lr: float = _field(1e-3, "Adam learning rate")
+    crop: int = _field(16, "output block edge (16 = the paper's patches; larger = dense training)")
+    patch_step: int | None = _field(None, "grid step of block centres (paper: 16; default: = crop)")
+    seed: int = _field(0, "seed of initialisation, data order and augmentation")
+    compute_dtype: str = _field("float32", "convolution input precision (bfloat16: f32 accumulation, faster "
+                                "on bf16 CPUs)", flag="--dtype", choices=("float32", "bfloat16"))
+    impl: str | None = _field(None, "convolution implementation (see mrijax.ops; same numbers)")
+    weight_decay: float = _field(0.0, "L2 penalty on kernels (regularisation study)")
+    dropout: float = _field(0.0, "dropout rate before hidden convolutions (regularisation study)")
+    jitter: int = _field(0, "augmentation: shift block centres by up to this many voxels per axis, anew each epoch")
+    flip: bool = _field(False, "augmentation: add left-right mirrored copies of the training subjects")
+    schedule: str = _field("constant", "learning rate: constant (the paper) or cosine decay to 0 over the run",
+                           choices=("constant", "cosine"))
+    loss: str = _field("all", "voxels the MSE (loss and validation) averages over: all of the output block "
+                       "(the paper) or brain voxels only (no reward for predicting background at the brain edge)",
+                       choices=LOSSES)
+    anchor: str = _field("none", "lut: the network gets the global intensity look-up table's output (fitted on "
+                         "the training subjects, stored in the model) as a second input channel and predicts a "
+                         "correction to it, starting from the LUT itself", choices=ANCHORS)
+    augment: bool = _field(False, "augmentation: random source-contrast changes (intensity curve, contrast, bias "
+                           "field, noise, blur or thick slices); the target is untouched")
+    init_from: str | None = _field(None, "warm start (fine-tuning): a model directory or shipped name; fresh "
+                                   "optimizer", metavar="MODEL")
+    max_steps_per_epoch: int | None = _field(None, "cap on steps per epoch (smoke runs)")
+    max_val_batches: int | None = _field(None, "cap on validation batches (smoke runs)")
 
     @property
     def step(self) -> int:
         return self.patch_step or self.crop
 
     def __post_init__(self):
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule {self.schedule!r}: choose constant or cosine")
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            if choices and getattr(self, field.name) not in choices:
+                raise ValueError(f"{field.name} {getattr(self, field.name)!r}: choose one of {', '.join(choices)}")
         if self.jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {self.jitter}")
 

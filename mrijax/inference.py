@@ -82,19 +82,37 @@ def _validate(volume, mask):
 
 
 def synthesize(params, volume, mask=None, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
-               compute_dtype=jnp.float32) -> np.ndarray:
+               compute_dtype=jnp.float32, flip: bool = False) -> np.ndarray:
     """Synthesize the target contrast for a whole 3D source volume.
 
-    params: a variables dict {"params", "batch_stats"} of a trained model (the architecture is recognised
-        from its layer names and shapes).
+    params: a variables dict {"params", "batch_stats"} (+ "lut" for an anchored model) of a trained model (the
+        architecture is recognised from its layer names and shapes).
     volume: raw 3D source array in any intensity scale. mask: brain mask (else the positive voxels).
     Returns an array of the volume's shape, in normalised target units (target / (3 x its brain mean)),
     zero outside the mask. `tile` bounds memory (None or 0: one pass); `compute_dtype=jnp.bfloat16` is faster.
+    `flip`: test-time augmentation, the mean of the predictions for the volume and for its mirror image along
+    axis 0 (left-right for canonical RAS arrays), mirrored back: twice the time.
     """
     volume, mask = _validate(volume, mask)
-    variant = models.recognise_variant(params)
     mask = brain_mask(volume, mask=mask)
     source = normalise(volume, mask)
+    return synthesize_normalised(params, source, mask, tile=tile, impl=impl, compute_dtype=compute_dtype, flip=flip)
+
+
+def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
+                          compute_dtype=jnp.float32, flip: bool = False) -> np.ndarray:
+    """The network over a whole volume already normalised (`mrijax.data.normalise`) and masked; see `synthesize`."""
+    kwargs = dict(tile=tile, impl=impl, compute_dtype=compute_dtype)
+    prediction = _network_pass(variables, source, mask, **kwargs)
+    if flip:
+        prediction = 0.5 * (prediction + _network_pass(variables, source[::-1], mask[::-1], **kwargs)[::-1])
+    return prediction
+
+
+def _network_pass(variables, source, mask, *, tile, impl, compute_dtype) -> np.ndarray:
+    source, mask = np.ascontiguousarray(source, np.float32), np.ascontiguousarray(mask, bool)
+    variant = models.recognise_config(variables)
+    volume = source
     m = models.margin(variant)
     out_shape, tile_shape, origins = tile_plan(volume.shape, mask, variant, tile)
     padded = np.zeros(tuple(s + 2 * m for s in out_shape), np.float32)
@@ -102,7 +120,7 @@ def synthesize(params, volume, mask=None, *, tile: int | None = DEFAULT_TILE, im
     # Bucket the tile count to a power of two (repeating a tile is harmless) so compiled shapes are reused.
     bucket = 1 << max(0, math.ceil(math.log2(max(len(origins), 1))))
     origins = np.concatenate([origins, np.repeat(origins[:1], bucket - len(origins), axis=0)])
-    variables = {"params": params["params"], "batch_stats": params["batch_stats"]}
+    variables = {k: variables[k] for k in ("params", "batch_stats", "lut") if k in variables}
     out = _synthesize_padded(
         variables, jnp.asarray(padded), jnp.asarray(origins), variant=variant, out_shape=out_shape,
         tile_shape=tile_shape, impl=impl or ops.DEFAULT_IMPL, compute_dtype=compute_dtype,

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from mrijax import checkpoint, data
-from mrijax.inference import DEFAULT_TILE, synthesize
+from mrijax.inference import DEFAULT_TILE, synthesize_normalised
 
 
 @dataclasses.dataclass
@@ -24,6 +24,7 @@ class CAEMethod:
     meta: dict | None = None
     compute_dtype: str = "float32"  # "bfloat16": faster on CPUs with bf16 units, f32 accumulation
     tile: int | None = DEFAULT_TILE  # output tile edge of the whole-volume pass (None or 0: one pass)
+    flip: bool = False  # test-time augmentation: average with the mirrored volume's prediction
 
     def __post_init__(self):
         if self.variables is None:
@@ -42,7 +43,8 @@ class CAEMethod:
         return self.meta.get("target", "T2w")
 
     def predict(self, source, mask):
-        return synthesize(self.variables, source, mask, compute_dtype=self.compute_dtype, tile=self.tile)
+        return synthesize_normalised(self.variables, source, mask, compute_dtype=self.compute_dtype, tile=self.tile,
+                                     flip=self.flip)
 
 
 @dataclasses.dataclass
@@ -63,14 +65,14 @@ class BaselineMethod:
         return self.apply(self._model, source, mask)
 
 
-def LUTMethod(train_subjects) -> BaselineMethod:
+def lut_method(train_subjects) -> BaselineMethod:
     """Global intensity look-up table (conditional mean of target given source)."""
     from mrijax.baselines import lut
 
     return BaselineMethod("LUT", lut.fit_lut, lut.apply_lut, train_subjects)
 
 
-def MimecsMethod(atlas_subjects) -> BaselineMethod:
+def mimecs_method(atlas_subjects) -> BaselineMethod:
     """MIMECS sparse coding over an atlas of subjects."""
     from mrijax.baselines import mimecs
 

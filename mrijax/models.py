@@ -36,6 +36,7 @@ class CAEConfig:
     layers: tuple[tuple[str, ...], ...]
     residual: bool = False  # concatenate the last full-resolution encoder output into the first decoder conv
     dropout: float = 0.0  # dropout rate before every hidden conv (regularisation study); 0 = paper
+    anchor: bool = False  # LUT-anchored: input [source, LUT(source)], output = LUT(source) + a learned correction
 
     @property
     def n_convs(self) -> int:
@@ -151,11 +152,12 @@ class Conv3D(nn.Module):
     impl: str = "xla"
     compute_dtype: Any = jnp.float32
     layout: str = "channels_last"
+    kernel_init: Any = nn.initializers.he_normal()
 
     @nn.compact
     def __call__(self, x):
         cin = x.shape[0 if self.layout == "channel_major" else -1]
-        kernel = self.param("kernel", nn.initializers.he_normal(), (3, 3, 3, cin, self.features))
+        kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         return ops.conv3d(x, kernel, bias, impl=self.impl, compute_dtype=self.compute_dtype, layout=self.layout)
 
@@ -216,6 +218,28 @@ def upsample(x, axes: str, spatial=(1, 2, 3)):
     return x
 
 
+LUT_BINS = 256  # bins of the look-up table an anchored model carries
+
+
+def identity_lut(bins: int = LUT_BINS) -> dict:
+    """Placeholder table of an anchored model before `set_lut` (maps [0, 2] to itself)."""
+    centres = (jnp.arange(bins, dtype=jnp.float32) + 0.5) * (2.0 / bins)
+    return {"centres": centres, "values": centres}
+
+
+def apply_lut(x, centres, values):
+    """Linear interpolation in a table of equal-width bins (constant beyond the end bins), zero where x == 0
+    (background): the same mapping as `mrijax.baselines.lut.apply_lut`, written as a gather so it stays cheap
+    on every voxel of a batch."""
+    width = centres[1] - centres[0]
+    t = (x - centres[0]) / width
+    i0 = jnp.clip(jnp.floor(t), 0, centres.shape[0] - 2)
+    frac = jnp.clip(t - i0, 0.0, 1.0)
+    i0 = i0.astype(jnp.int32)
+    mapped = values[i0] * (1.0 - frac) + values[i0 + 1] * frac
+    return jnp.where(x != 0, mapped, 0.0).astype(x.dtype)
+
+
 def center_crop(x, shape, spatial=(1, 2, 3)):
     index = [slice(None)] * x.ndim
     for axis, target in zip(spatial, shape):
@@ -226,6 +250,12 @@ def center_crop(x, shape, spatial=(1, 2, 3)):
 
 class CAE(nn.Module):
     """Any `CAEConfig`: input (B, D, H, W, 1) in normalised units, output (B, D', H', W', 1) in [0, 1].
+
+    An anchored config (`anchor=True`) reads a look-up table from the variable collection "lut" (fitted on
+    the training subjects, never trained), feeds [source, LUT(source)] to the network and returns
+    LUT(source) + the last convolution's output (no sigmoid; zero-initialised, so training starts from
+    the LUT): the network only learns what spatial context adds to an intensity mapping, which is what
+    transfers to scanners it never saw.
 
     `impl` picks the convolution arithmetic ("xla": lax.conv reference; see `mrijax.ops` for fast ones);
     `bn_axis_name` synchronises BatchNorm statistics across pmapped devices.
@@ -245,6 +275,11 @@ class CAE(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         cfg = self.config
+        anchor = None
+        if cfg.anchor:
+            table = {k: self.variable("lut", k, lambda v=v: v).value for k, v in identity_lut().items()}
+            anchor = apply_lut(x, table["centres"], table["values"])
+            x = jnp.concatenate([x, anchor], axis=-1)
         # Channel-major activations (C, B, D, H, W) when every convolution is "cm" (see ops.channel_major):
         # one transpose in, one out, instead of two per layer. Parameters are the same in both layouts.
         layout = "channel_major" if ops.channel_major(self.impl) else "channels_last"
@@ -279,11 +314,17 @@ class CAE(nn.Module):
                 if cfg.dropout:
                     x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
             last = conv_index == last_conv
+            init = nn.initializers.zeros if last and cfg.anchor else nn.initializers.he_normal()
             x = Conv3D(1 if last else cfg.filters, impl=self.impl, compute_dtype=self.compute_dtype,
-                       layout=layout, name=f"conv{conv_index}_{suffix}")(x)
-            x = nn.sigmoid(x) if last else nn.relu(x)
+                       layout=layout, kernel_init=init, name=f"conv{conv_index}_{suffix}")(x)
+            if not last:
+                x = nn.relu(x)
+            elif not cfg.anchor:
+                x = nn.sigmoid(x)
         if layout == "channel_major":
             x = ops.from_channel_major(x)
+        if anchor is not None:
+            x = x + center_crop(anchor, x.shape[1:4])
         return x
 
 
@@ -293,9 +334,19 @@ def build_model(variant: str | CAEConfig = "base", **kwargs) -> CAE:
 
 
 def init_variables(variant: str | CAEConfig = "base", seed: int = 0) -> dict:
-    """Fresh {"params", "batch_stats"} for a variant, He-normal kernels, zero biases."""
+    """Fresh {"params", "batch_stats"} (+ "lut" when anchored) for a variant, He-normal kernels, zero biases."""
     variables = _jitted_init(get_config(variant))(jax.random.PRNGKey(seed))
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return {k: variables[k] for k in ("params", "batch_stats", "lut") if k in variables}
+
+
+def set_lut(variables: dict, centres, values) -> dict:
+    """An anchored model's variables with its look-up table replaced (bin centres of equal width, values)."""
+    if "lut" not in variables:
+        raise ValueError("only an anchored model (anchor=lut) carries a look-up table")
+    centres, values = np.asarray(centres, np.float32), np.asarray(values, np.float32)
+    if centres.shape != (LUT_BINS,) or values.shape != (LUT_BINS,):
+        raise ValueError(f"an anchored model's table has {LUT_BINS} bins, got {centres.shape} and {values.shape}")
+    return {**variables, "lut": {"centres": jnp.asarray(centres), "values": jnp.asarray(values)}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,17 +366,24 @@ def _signature(variables) -> dict:
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
-_SIGNATURES: dict[str, dict] = {}
+_SIGNATURES: dict[CAEConfig, dict] = {}
+
+
+def recognise_config(variables) -> CAEConfig:
+    """The registered variant's config a variables dict belongs to, from its layer names and shapes (anchored
+    when it carries a "lut" collection)."""
+    if not isinstance(variables, dict) and not hasattr(variables, "keys") or "params" not in variables:
+        raise ValueError("expected a variables dict with 'params' and 'batch_stats' (see mrijax.init_variables)")
+    signature, anchor = _signature(variables), "lut" in variables
+    for name in VARIANTS:
+        config = dataclasses.replace(VARIANT_CONFIGS[name], anchor=anchor)
+        if config not in _SIGNATURES:
+            _SIGNATURES[config] = _signature(jax.eval_shape(lambda c=config: init_variables(c)))
+        if _SIGNATURES[config] == signature:
+            return config
+    raise ValueError("the parameters match none of the registered variants " + ", ".join(VARIANTS))
 
 
 def recognise_variant(variables) -> str:
-    """Which registered variant a variables dict belongs to, from its layer names and shapes."""
-    if not isinstance(variables, dict) and not hasattr(variables, "keys") or "params" not in variables:
-        raise ValueError("expected a variables dict with 'params' and 'batch_stats' (see mrijax.init_variables)")
-    signature = _signature(variables)
-    for name in VARIANTS:
-        if name not in _SIGNATURES:
-            _SIGNATURES[name] = _signature(jax.eval_shape(lambda n=name: init_variables(n)))
-        if _SIGNATURES[name] == signature:
-            return name
-    raise ValueError("the parameters match none of the registered variants " + ", ".join(VARIANTS))
+    """Which registered variant a variables dict belongs to (its name)."""
+    return recognise_config(variables).name

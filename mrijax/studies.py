@@ -150,9 +150,9 @@ def synthesis_metrics(variables, subjects, impl: str | None = None) -> dict[str,
 
 def lut_reference(train, val) -> dict[str, dict[str, float]]:
     """The intensity look-up table fitted on `train`, scored like the CAEs on `val`: the bar context must beat."""
-    from mrijax.methods import LUTMethod
+    from mrijax.methods import lut_method
 
-    lut = LUTMethod(train)
+    lut = lut_method(train)
     return {s.id: metrics.evaluate(lut.predict(s.source, s.mask), s.target, s.mask) for s in val}
 
 

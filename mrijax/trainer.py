@@ -52,18 +52,19 @@ def split_subjects(subjects, val_subjects, train_subjects: int | None = None):
     return train, [s for s in subjects if s.id in val_ids]
 
 
-def block_mse(predictions: dict, subjects, records, out_shape) -> float:
-    """MSE of whole-volume predictions over the given blocks: the metric of the validation curve, so a
-    baseline (LUT, MIMECS) can be drawn as a reference line beside the CAE's (paper Fig. 3)."""
+def block_mse(predictions: dict, subjects, records, out_shape, loss: str = "all") -> float:
+    """MSE of whole-volume predictions over the given blocks (all voxels, or brain voxels for loss="brain"): the
+    metric of the validation curve, so a baseline (LUT, MIMECS) can be drawn beside the CAE's (paper Fig. 3)."""
     by_index = {i: s for i, s in enumerate(subjects)}
     sq, count = 0.0, 0
     for subject_index, *centre in np.asarray(records):
         subject = by_index[int(subject_index)]
         pred = data.extract_patch(predictions[subject.id], centre, out_shape)
         target = data.extract_patch(subject.target, centre, out_shape)
-        sq += float(np.sum((pred - target) ** 2, dtype=np.float64))
-        count += target.size
-    return sq / count
+        voxels = np.ones(out_shape, bool) if loss == "all" else data.extract_patch(subject.mask, centre, out_shape)
+        sq += float(np.sum(((pred - target) ** 2)[voxels], dtype=np.float64))
+        count += int(voxels.sum())
+    return sq / max(count, 1)
 
 
 def _local_replica(tree):
@@ -109,8 +110,19 @@ def stop_requests():
 RESUMABLE_CHANGES = ("epochs", "impl", "compute_dtype")
 
 
-def _run_defining(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+def run_defining(config: dict) -> dict:
+    """The settings a resumed run must share with the stored one (fields added since count at their default)."""
+    full = {**TrainConfig().to_dict(), **config}
+    return {k: v for k, v in full.items() if k not in RESUMABLE_CHANGES}
+
+
+def training_lut(subjects) -> dict:
+    """The global look-up table of the training subjects, as an anchored model's "lut" collection."""
+    from mrijax.baselines import lut
+
+    table = lut.fit_lut([s.source for s in subjects], [s.target for s in subjects], [s.mask for s in subjects],
+                        bins=models.LUT_BINS)
+    return {"centres": jnp.asarray(table.bin_centres), "values": jnp.asarray(table.values)}
 
 
 class Trainer:
@@ -125,9 +137,8 @@ class Trainer:
         self.baseline_mse, self.baseline_label = baseline_mse, baseline_label
         self.progress = progress and jax.process_index() == 0
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
-        self.variant = models.get_config(config.variant)
-        if config.dropout:
-            self.variant = dataclasses.replace(self.variant, dropout=config.dropout)
+        self.variant = dataclasses.replace(models.get_config(config.variant), dropout=config.dropout,
+                                           anchor=config.anchor == "lut")
         n_proc, n_local = jax.process_count(), jax.local_device_count()
         if config.batch_size % (n_proc * n_local):
             raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the "
@@ -135,6 +146,11 @@ class Trainer:
         self.local_batch = config.batch_size // n_proc
         self.out_shape = (config.crop,) * 3
         self.in_shape = models.input_shape(self.variant, config.crop)
+        self.augment = None
+        if config.augment:
+            from mrijax.data.augment import AugmentConfig
+
+            self.augment = AugmentConfig()
         # Training reads mirrored copies too when augmenting; `train_subjects` stays the real ones (metadata).
         self.fit_subjects = list(train_subjects) + ([data.mirrored(s) for s in train_subjects] if config.flip else [])
         self.train_records = data.patch_records(self.fit_subjects, config.step)
@@ -153,8 +169,12 @@ class Trainer:
         decay_steps = c.epochs * self.steps_per_epoch if c.schedule == "cosine" else None
         state = training.create_train_state(self.variant, lr=c.lr, seed=c.seed, impl=c.impl,
                                             compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay,
-                                            decay_steps=decay_steps)
-        return self._warm_start(state) if c.init_from else state
+                                            decay_steps=decay_steps, loss=c.loss)
+        if c.init_from:
+            return self._warm_start(state)
+        if self.variant.anchor:
+            return state.replace(constants={"lut": training_lut(self.train_subjects)})
+        return state
 
     def _warm_start(self, state):
         """Weights and BatchNorm statistics from `init_from` (an export or shipped model) in a fresh state (its
@@ -164,18 +184,23 @@ class Trainer:
         if meta["variant"] != self.variant.name:
             raise ValueError(f"--init-from {self.config.init_from} holds a {meta['variant']} model; train with "
                              f"--variant {meta['variant']} or start from a {self.variant.name} model")
+        if ("lut" in variables) != self.variant.anchor:
+            kind = "an anchored (anchor=lut)" if "lut" in variables else "a plain (anchor=none)"
+            raise ValueError(f"--init-from {self.config.init_from} holds {kind} model; train with the same --anchor")
         if (meta.get("source"), meta.get("target")) != (self.config.source, self.config.target):
             self.log(f"warm start from a {meta.get('source')}->{meta.get('target')} model for "
                      f"{self.config.source}->{self.config.target}")
-        return state.replace(params=jax.tree_util.tree_map(jnp.asarray, variables["params"]),
-                             batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]))
+        as_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
+        constants = {"lut": as_jax(variables["lut"])} if "lut" in variables else {}
+        return state.replace(params=as_jax(variables["params"]), batch_stats=as_jax(variables["batch_stats"]),
+                             constants=constants)
 
-    def _batches(self, subjects, records, epoch, shuffle, batch_size, drop_remainder):
+    def _batches(self, subjects, records, epoch, shuffle, batch_size, drop_remainder, augment=None):
         return data.patch_dataset(
             subjects, records,
             self.in_shape, self.out_shape, batch_size=batch_size, seed=self.config.seed, epoch=epoch,
             shuffle=shuffle, shard_index=jax.process_index(), shard_count=jax.process_count(),
-            drop_remainder=drop_remainder)
+            drop_remainder=drop_remainder, augment=augment)
 
     def evaluate(self, rstate) -> float:
         """Validation MSE over every validation block (uneven last batches are zero-weighted padding)."""
@@ -189,13 +214,16 @@ class Trainer:
         it = iter(self._batches(self.val_subjects, self.val_records, 0, False, self.local_batch, False))
         for _ in range(n_batches):
             batch = next(it, None)
-            source = np.zeros((self.local_batch, *self.in_shape, 1), np.float32)
-            target = np.zeros((self.local_batch, *self.out_shape, 1), np.float32)
-            weight = np.zeros((self.local_batch,), np.float32)
+            padded = {"source": np.zeros((self.local_batch, *self.in_shape, 1), np.float32),
+                      "target": np.zeros((self.local_batch, *self.out_shape, 1), np.float32),
+                      "mask": np.zeros((self.local_batch, *self.out_shape, 1), np.float32),
+                      "weight": np.zeros((self.local_batch,), np.float32)}
             if batch is not None:
                 n = len(batch["source"])
-                source[:n], target[:n], weight[:n] = batch["source"], batch["target"], 1.0
-            out = p_eval(rstate, training.shard_batch({"source": source, "target": target, "weight": weight}))
+                for key in ("source", "target", "mask"):
+                    padded[key][:n] = batch[key]
+                padded["weight"][:n] = 1.0
+            out = p_eval(rstate, training.shard_batch(padded))
             sq += float(out["sq_error"][0])
             count += float(out["count"][0])
         return sq / max(count, 1.0)
@@ -212,7 +240,7 @@ class Trainer:
         if resume and manager.latest_step() is not None:
             state, meta = checkpoint.restore_state(manager, state)
             stored = meta.get("config", {})
-            if _run_defining(stored) != _run_defining(json.loads(json.dumps(c.to_dict()))):
+            if run_defining(stored) != run_defining(json.loads(json.dumps(c.to_dict()))):
                 raise ValueError(f"--resume: {self.workdir} was trained with another configuration; "
                                  "use the same flags or a new --workdir")
             if stored.get("compute_dtype", c.compute_dtype) != c.compute_dtype:
@@ -228,7 +256,7 @@ class Trainer:
         self._write_history(metrics_path, history)
         self.log(f"{self.variant.name}: {models.count_params(state.params):,} parameters | "
                  f"{len(self.train_subjects)} train / {len(self.val_subjects)} val subjects | "
-                 f"{len(self.train_records)} train / {len(self.val_records)} val blocks of "
+                 f"{len(self.train_records)} train / {len(self.val_records) if self.val_subjects else 0} val blocks of "
                  f"{self.in_shape[0]}->{c.crop} | {self.steps_per_epoch} steps/epoch of {c.batch_size} | "
                  f"{jax.device_count()} devices")
         rstate = training.replicate(state)
@@ -240,7 +268,8 @@ class Trainer:
                     skip = start_step - epoch * self.steps_per_epoch if epoch == start_step // self.steps_per_epoch else 0
                     t0, losses = time.perf_counter(), []
                     records = data.jitter_records(self.train_records, c.jitter, data.epoch_seed(c.seed + 1, epoch))
-                    it = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True))
+                    it = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True,
+                                            augment=self.augment))
                     bar = tqdm(total=self.steps_per_epoch, initial=max(skip, 0), disable=not self.progress,
                                desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False)
                     for b in range(self.steps_per_epoch):
@@ -271,7 +300,7 @@ class Trainer:
                     checkpoint.save_state(manager, host_state, {"epoch": epoch, "config": c.to_dict()})
                     if val_mse < best:  # every process: orbax synchronises them while saving
                         best = val_mse
-                        checkpoint.export_model(self.workdir / "best", host_state.variables, self._model_meta(row))
+                        checkpoint.export_model(self.workdir / "best", host_state.variables, self.model_meta(row))
                     if jax.process_index() == 0:
                         self._write_history(metrics_path, history)
                         self._plot(history)
@@ -287,12 +316,14 @@ class Trainer:
                                                                 "config": c.to_dict()})
                 self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
                 raise
-        final = _local_replica({"params": rstate.params, "batch_stats": rstate.batch_stats})
+        final = _local_replica(rstate.variables)
         return {"history": history, "variables": final, "best_val_mse": best}
 
-    def _model_meta(self, row: dict) -> dict:
+    def model_meta(self, row: dict) -> dict:
         c = self.config
+        zooms = [np.abs(np.diag(s.affine)[:3]) for s in self.train_subjects]
         return {"source": c.source, "target": c.target, "units": "target / (3 x its brain mean)",
+                "voxel_size_mm": [round(float(z), 3) for z in np.median(zooms, axis=0)],
                 "train_subjects": [s.id for s in self.train_subjects],
                 "val_subjects": [s.id for s in self.val_subjects], "epoch": row["epoch"],
                 "val_mse": row["val_mse"], "train_mse": row["train_mse"], "config": c.to_dict()}

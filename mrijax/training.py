@@ -27,12 +27,14 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    constants: Any  # variable collections that are not trained, e.g. an anchored model's "lut"; {} otherwise
     apply_fn: Callable = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    loss: str = struct.field(pytree_node=False, default="all")  # "all" voxels of a block or "brain" voxels
 
     @property
     def variables(self) -> dict:
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params, "batch_stats": self.batch_stats, **self.constants}
 
 
 def make_optimizer(lr: float, weight_decay: float = 0.0, decay_steps: int | None = None) -> optax.GradientTransformation:
@@ -51,14 +53,19 @@ def make_optimizer(lr: float, weight_decay: float = 0.0, decay_steps: int | None
 
 def create_train_state(variant: str | models.CAEConfig = "base", *, lr: float = 1e-3, seed: int = 0,
                        impl: str | None = None, compute_dtype=jnp.float32, weight_decay: float = 0.0,
-                       decay_steps: int | None = None, bn_axis_name: str | None = AXIS) -> TrainState:
-    """A fresh state; `bn_axis_name` must match the pmap axis (None for a plain, unmapped step)."""
+                       decay_steps: int | None = None, bn_axis_name: str | None = AXIS,
+                       loss: str = "all") -> TrainState:
+    """A fresh state; `bn_axis_name` must match the pmap axis (None for a plain, unmapped step). `loss`: "all"
+    averages the squared error over every voxel of an output block (the paper), "brain" over its brain voxels."""
+    if loss not in ("all", "brain"):
+        raise ValueError(f"loss {loss!r}: choose all or brain")
     model, tx = _model_and_optimizer(models.get_config(variant), impl or ops.DEFAULT_IMPL, jnp.dtype(compute_dtype),
                                      bn_axis_name, lr, weight_decay, decay_steps)
     variables = models.init_variables(variant, seed)
+    constants = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                      rng=jax.random.PRNGKey(seed + 1), apply_fn=model.apply, tx=tx)
+                      rng=jax.random.PRNGKey(seed + 1), constants=constants, apply_fn=model.apply, tx=tx, loss=loss)
 
 
 @functools.lru_cache(maxsize=32)
@@ -68,8 +75,18 @@ def _model_and_optimizer(config, impl, compute_dtype, bn_axis_name, lr, weight_d
     return model, make_optimizer(lr, weight_decay, decay_steps)
 
 
-def mse_loss(prediction, target):
-    return jnp.mean((prediction.astype(jnp.float32) - target) ** 2)
+def squared_error(prediction, batch: dict, loss: str):
+    """(sum of squared errors, voxel count) of a batch: over every voxel ("all", the paper) or over the brain
+    voxels of each block ("brain": batch["mask"]), each sample weighted by batch["weight"] when present."""
+    error = (prediction.astype(jnp.float32) - batch["target"]) ** 2
+    voxels = jnp.ones_like(error) if loss == "all" else batch["mask"].astype(jnp.float32)
+    weight = batch.get("weight", jnp.ones(error.shape[:1], jnp.float32)).reshape(-1, *([1] * (error.ndim - 1)))
+    return jnp.sum(error * voxels * weight), jnp.sum(voxels * weight)
+
+
+def mse_loss(prediction, batch: dict, loss: str = "all"):
+    sq, count = squared_error(prediction, batch, loss)
+    return sq / jnp.maximum(count, 1.0)
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = None):
@@ -79,9 +96,10 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None):
         dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
-        pred, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["source"],
-                                       train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        return mse_loss(pred, batch["target"]), updates["batch_stats"]
+        pred, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats, **state.constants},
+                                       batch["source"], train=True, mutable=["batch_stats"],
+                                       rngs={"dropout": dropout_rng})
+        return mse_loss(pred, batch, state.loss), updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
@@ -94,15 +112,12 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None):
 
 
 def eval_step(state: TrainState, batch: dict, axis_name: str | None = None):
-    """Weighted squared-error sum and voxel count with running BatchNorm statistics (inference mode).
+    """Squared-error sum and voxel count (the state's `loss` voxels) with running BatchNorm statistics.
 
     batch["weight"] (B,) is 1 for real samples and 0 for padding, so uneven last batches average exactly.
     """
     pred = state.apply_fn(state.variables, batch["source"], train=False)
-    weight = batch.get("weight", jnp.ones(batch["target"].shape[:1], jnp.float32))
-    per_sample = jnp.sum((pred.astype(jnp.float32) - batch["target"]) ** 2, axis=(1, 2, 3, 4))
-    sq = jnp.sum(weight * per_sample)
-    count = jnp.sum(weight) * (batch["target"].size // batch["target"].shape[0])
+    sq, count = squared_error(pred, batch, state.loss)
     if axis_name is not None:
         sq, count = jax.lax.psum(sq, axis_name), jax.lax.psum(count, axis_name)
     return {"sq_error": sq, "count": count}
@@ -125,10 +140,6 @@ def replicate(state: TrainState) -> TrainState:
                                           jax.sharding.PartitionSpec(AXIS))
     return jax.tree_util.tree_map(
         lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), sharding), state)
-
-
-def unreplicate(state: TrainState) -> TrainState:
-    return jax.tree_util.tree_map(lambda x: x[0], state)
 
 
 def shard_batch(batch: dict, n_devices: int | None = None) -> dict:

@@ -52,7 +52,7 @@ def main(argv=None):
 
         method = (methods.mimecs_method if args.baseline == "mimecs" else methods.lut_method)(train_subjects)
         predictions = {s.id: method.predict(s.source, s.mask) for s in val_subjects}
-        run.baseline_mse = trainer.block_mse(predictions, val_subjects, run.val_records, run.out_shape)
+        run.baseline_mse = trainer.block_mse(predictions, val_subjects, run.val_records, run.out_shape, config.loss)
         run.baseline_label = method.name
         print(f"{method.name} validation MSE over the same blocks: {run.baseline_mse:.5f}")
     result = run.fit(resume=args.resume)

@@ -86,11 +86,15 @@ def num_batches(n_records: int, batch_size: int, shard_count: int = 1, drop_rema
 
 
 class _CutPatches:
-    """Maps a record to its {"source", "target"} pair of channels-last patches (a class so it pickles)."""
+    """Maps a record to its {"source", "target", "mask"} channels-last blocks (a class so it pickles).
+
+    "mask" is the brain mask of the output block (1.0 = brain), for losses that count brain voxels only.
+    """
 
     def __init__(self, subjects: Sequence, in_shape: Sequence[int], out_shape: Sequence[int]):
         self.sources = [s.source for s in subjects]
         self.targets = [s.target for s in subjects]
+        self.masks = [s.mask for s in subjects]
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
     def __call__(self, record: np.ndarray) -> dict[str, np.ndarray]:
@@ -98,16 +102,30 @@ class _CutPatches:
         return {
             "source": extract_patch(self.sources[index], centre, self.in_shape)[..., None],
             "target": extract_patch(self.targets[index], centre, self.out_shape)[..., None],
+            "mask": extract_patch(self.masks[index], centre, self.out_shape)[..., None].astype(np.float32),
         }
+
+
+class _AugmentSource:
+    """Random source-contrast change of one sample (grain's `random_map`: the generator is seeded by the
+    dataset seed and the element's index, so an epoch's augmentation is a pure function of (seed, epoch))."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        from mrijax.data.augment import augment_source
+
+        return {**sample, "source": augment_source(sample["source"], rng, self.config)}
 
 
 def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int], *,
                   batch_size: int, seed: int, epoch: int, shuffle: bool = True, shard_index: int = 0,
-                  shard_count: int = 1, drop_remainder: bool = True, num_threads: int = 0):
-    """One epoch of batches {"source": (B, *in_shape, 1), "target": (B, *out_shape, 1)} float32.
+                  shard_count: int = 1, drop_remainder: bool = True, num_threads: int = 0, augment=None):
+    """One epoch of batches {"source": (B, *in_shape, 1), "target", "mask": (B, *out_shape, 1)} float32.
 
     A `grain.MapDataset`: records -> shuffle (seed from (seed, epoch)) -> this process's shard -> cut patches
-    -> batch. Shards are strided slices of the same shuffled order, so they are disjoint; with
+    -> augment the source (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch. Shards are strided slices of the same shuffled order, so they are disjoint; with
     `drop_remainder` the order is first truncated to a multiple of `shard_count` so every shard yields the
     same number of batches (`num_batches`). `num_threads > 0` returns a prefetching `IterDataset` instead.
     """
@@ -124,6 +142,9 @@ def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[in
         dataset = dataset[: records_per_shard(len(records), shard_count, True) * shard_count]
     dataset = dataset[shard_index::shard_count]
     dataset = dataset.map(_CutPatches(subjects, in_shape, out_shape))
+    if augment is not None:
+        dataset = dataset.random_map(_AugmentSource(augment),
+                                     seed=epoch_seed(seed + 2, epoch * max(shard_count, 1) + shard_index) % 2**32)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if num_threads > 0:
         return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
