@@ -27,7 +27,7 @@ COMMANDS = {
     "bench": Command("mrijax.cli.bench", "measure speed, optionally beside PyTorch", tune_malloc=False),
     "hemispheres": Command("mrijax.cli.hemispheres", "split subjects into left/right half-brain subjects",
                            tune_malloc=False),
-    # "cv": Command("mrijax.cv", "cross-validation"),
+    "cv": Command("mrijax.cli.cv", "leave-one-source-out cross-validation of a training recipe"),
 }
 
 

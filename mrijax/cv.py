@@ -1,0 +1,207 @@
+"""Leave-one-source-out cross-validation: does a training recipe work on scanners it never saw?
+
+Users always run a model on a new scanner, so a recipe is judged by training it on all sources but one and
+testing on the held-out source, for every source in turn. Per test subject the report compares the CAE
+with three intensity-only or example-based references fitted on the same training subjects: the global
+look-up table (LUT), MIMECS, and the LUT fitted on the test subject itself (in-sample: the best any
+intensity mapping can do). Subjects are grouped into sources by glob patterns of their ids (default: the
+letters of the id, so both sessions of one person always share a fold).
+
+Each fold's model is exported to `<out>/<fold>/model` and reused when the CV is run again (a stopped fold
+resumes from its checkpoints); baseline predictions are cached under `--baseline-cache` (they do not depend
+on the recipe), so comparing recipes costs only their training.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mrijax import checkpoint, metrics, report
+from mrijax.config import TrainConfig
+
+BASELINES = ("lut", "own-lut", "mimecs")
+METRICS = ("mae", "mse", "snr", "ssim")
+
+
+def source_key(subject_id: str) -> str:
+    """The default source of a subject: the letters of its id (sub-ms07 -> ms, sub-omslp01s2 -> omslp)."""
+    match = re.match(r"(?:sub-)?([A-Za-z]+)", subject_id)
+    return match.group(1) if match else subject_id
+
+
+def source_groups(ids, patterns=None) -> list[list[str]]:
+    """Test groups (folds) of subject ids: one per comma-separated glob list in `patterns` ("sub-tcga*,sub-gli*"),
+    or by `source_key`. Every subject must fall in exactly one group."""
+    ids = list(ids)
+    if not patterns:
+        keys = list(dict.fromkeys(source_key(i) for i in ids))
+        return [[i for i in ids if source_key(i) == key] for key in keys]
+    groups = [[i for i in ids if any(fnmatch.fnmatch(i, p) for p in pattern.split(",") if p)] for pattern in patterns]
+    for pattern, group in zip(patterns, groups):
+        if not group:
+            raise ValueError(f"--groups {pattern!r} matches no subject; available: {', '.join(ids)}")
+    counts = {i: sum(i in g for g in groups) for i in ids}
+    unplaced = [i for i, n in counts.items() if n != 1]
+    if unplaced:
+        raise ValueError(f"subject(s) {', '.join(unplaced)} fall in {'no' if not counts[unplaced[0]] else 'several'} "
+                         "--groups pattern(s); every subject must match exactly one group")
+    return groups
+
+
+def fold_name(index: int, group: list[str]) -> str:
+    keys = list(dict.fromkeys(source_key(i) for i in group))
+    return f"{index + 1}-" + ("-".join(keys) if len(keys) < 4 else f"{keys[0]}-and-{len(keys) - 1}-more")
+
+
+def _cache_key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def baseline_prediction(name: str, train, subject, cache_dir: Path | None) -> tuple[np.ndarray, float]:
+    """(prediction, seconds) of one baseline for one test subject; cached on disk by (method, data) when asked."""
+    from mrijax import methods
+
+    fit_on = [subject] if name == "own-lut" else train
+    path = None
+    if cache_dir is not None:
+        key = _cache_key(name, subject.id, str(subject.paths), [(s.id, str(s.paths)) for s in fit_on])
+        path = Path(cache_dir) / f"{subject.id}_{name}_{key}.npz"
+        if path.is_file():
+            with np.load(path) as cached:
+                return cached["prediction"].astype(np.float32), float(cached["seconds"])
+    method = methods.mimecs_method(fit_on) if name == "mimecs" else methods.lut_method(fit_on)
+    prediction, seconds = methods.timed_predict(method, subject.source, subject.mask)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, prediction=prediction.astype(np.float16), seconds=seconds)
+    return prediction, seconds
+
+
+def train_fold(config: TrainConfig, train, fold_dir: Path, progress: bool = False, log=print) -> tuple[dict, float]:
+    """The fold's model (variables) and its training seconds: trained on `train` with no validation subjects
+    (the test source must not pick the model), so the last state is exported. Reused when already exported."""
+    from mrijax import trainer
+
+    model_dir = fold_dir / "model"
+    if (model_dir / "model.json").is_file():
+        variables, meta = checkpoint.load_model(model_dir)
+        stored = meta.get("config", {})
+        if trainer.run_defining(stored) != trainer.run_defining(config.to_dict()) or \
+                meta.get("train_subjects") != [s.id for s in train]:
+            raise ValueError(f"{model_dir} was trained with another recipe or other subjects; use a new --out")
+        return variables, float(meta.get("train_seconds", math.nan))
+    run_dir = fold_dir / "run"
+    t0 = time.perf_counter()
+    run = trainer.Trainer(config, train, [], run_dir, progress=progress, log=log)
+    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    result = run.fit(resume=resume)
+    seconds = time.perf_counter() - t0
+    meta = run.model_meta(result["history"][-1] if result["history"] else {"epoch": -1})
+    checkpoint.export_model(model_dir, result["variables"], {**meta, "train_seconds": seconds})
+    return checkpoint.load_model(model_dir)[0], seconds
+
+
+def _scores(prediction, subject) -> dict:
+    values = metrics.evaluate(prediction, subject.target, subject.mask)
+    return {k: float(values[k]) for k in METRICS}
+
+
+def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, baseline_cache=None,
+           flip: bool = False, compute_dtype: str = "float32", progress: bool = False, log=print) -> dict:
+    """Train one model per fold and score every held-out subject; returns {"rows", "summary", "folds"}."""
+    from mrijax import inference, plotting
+
+    out = Path(out)
+    by_id = {s.id: s for s in subjects}
+    rows, folds = [], []
+    for index, group in enumerate(groups):
+        name = fold_name(index, group)
+        train = [s for s in subjects if s.id not in group]
+        test = [by_id[i] for i in group]
+        log(f"fold {name}: train on {len(train)} subjects, test on {', '.join(group)}")
+        variables, train_seconds = train_fold(config, train, out / name, progress=progress, log=log)
+        folds.append({"fold": name, "test": group, "train": [s.id for s in train], "train_seconds": train_seconds})
+        worst = None
+        for subject in test:
+            t0 = time.perf_counter()
+            prediction = inference.synthesize_normalised(variables, subject.source, subject.mask, flip=flip,
+                                                         compute_dtype=compute_dtype)
+            images = {"source": subject.source, "truth": subject.target, "CAE": prediction}
+            fold_rows = [{"fold": name, "subject": subject.id, "method": "CAE", **_scores(prediction, subject),
+                          "seconds": time.perf_counter() - t0}]
+            for baseline in baselines:
+                prediction_b, seconds = baseline_prediction(baseline, train, subject, baseline_cache)
+                images[baseline.upper()] = prediction_b
+                fold_rows.append({"fold": name, "subject": subject.id, "method": baseline.upper(),
+                                  **_scores(prediction_b, subject), "seconds": seconds})
+            for row in fold_rows:
+                log(f"  {row['subject']:>16} {row['method']:>8}  " +
+                    "  ".join(f"{k} {row[k]:.4g}" for k in METRICS) + f"  {row['seconds']:.1f}s")
+            rows += fold_rows
+            margin = fold_rows[0]["snr"] - next((r["snr"] for r in fold_rows if r["method"] == "LUT"), math.nan)
+            if worst is None or margin < worst[0]:
+                worst = (margin, subject, images)
+        if worst is not None:
+            _, subject, images = worst
+            plotting.plot_comparison({k: v for k, v in images.items() if k != "OWN-LUT"}, subject.mask,
+                                     out / f"worst_{name}_{subject.id}.png", error_of="truth")
+    summary = summarise(rows)
+    write(out, rows, summary, folds, config, flip)
+    return {"rows": rows, "summary": summary, "folds": folds}
+
+
+def summarise(rows) -> dict:
+    """Mean of each metric per method, and the CAE's SNR margin over each baseline per subject (min and mean)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    summary = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m])) for k in (*METRICS, "seconds")}
+               for m in methods}
+    cae = {r["subject"]: r["snr"] for r in rows if r["method"] == "CAE"}
+    for m in methods:
+        if m == "CAE":
+            continue
+        margins = [cae[r["subject"]] - r["snr"] for r in rows if r["method"] == m and r["subject"] in cae]
+        summary[m]["cae_snr_margin_min"] = float(min(margins))
+        summary[m]["cae_snr_margin_mean"] = float(np.mean(margins))
+        summary[m]["cae_wins"] = f"{sum(x > 0 for x in margins)}/{len(margins)}"
+    return summary
+
+
+def _markdown(rows, summary, folds, config, flip) -> str:
+    methods = list(summary)
+    subjects = list(dict.fromkeys(r["subject"] for r in rows))
+    snr = {(r["subject"], r["method"]): r for r in rows}
+    lines = [f"Leave-one-source-out CV, recipe: {json.dumps(config.to_dict())}; test-time flip: {flip}.",
+             "SNR (dB) on brain voxels per held-out subject (MAE / MSE / SSIM in report.csv); SSIM: the paper's "
+             "(data range 1, 7^3 window, brain bounding box).", "",
+             "| fold | subject | " + " | ".join(methods) + " | CAE - LUT |",
+             "|---|---|" + "---|" * (len(methods) + 1)]
+    for s in subjects:
+        fold = snr[(s, "CAE")]["fold"]
+        cells = [f"{snr[(s, m)]['snr']:.2f}" if (s, m) in snr else "" for m in methods]
+        delta = snr[(s, "CAE")]["snr"] - snr[(s, "LUT")]["snr"] if (s, "LUT") in snr else math.nan
+        lines.append(f"| {fold} | {s} | " + " | ".join(cells) + f" | {delta:+.2f} |")
+    lines.append("| **mean** | | " + " | ".join(f"**{summary[m]['snr']:.2f}**" for m in methods) + " | |")
+    lines += ["", "| method | MAE | MSE | SNR | SSIM | seconds per volume | CAE SNR margin: min / mean | CAE wins |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        row = summary[m]
+        margin = (f"{row['cae_snr_margin_min']:+.2f} / {row['cae_snr_margin_mean']:+.2f}"
+                  if "cae_snr_margin_min" in row else "")
+        lines.append(f"| {m} | {row['mae']:.4f} | {row['mse']:.5f} | {row['snr']:.2f} | {row['ssim']:.3f} | "
+                     f"{row['seconds']:.1f} | {margin} | {row.get('cae_wins', '')} |")
+    lines += ["", "Training seconds per fold: " + ", ".join(f"{f['fold']} {f['train_seconds']:.0f}" for f in folds)]
+    return "\n".join(lines) + "\n"
+
+
+def write(out, rows, summary, folds, config, flip) -> dict:
+    return report.write_report(out, rows, _markdown(rows, summary, folds, config, flip),
+                               {"config": config.to_dict(), "flip": flip, "folds": folds, "summary": summary},
+                               name="cv")
+

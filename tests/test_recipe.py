@@ -1,0 +1,164 @@
+"""The generalisation recipe: brain-voxel loss, LUT-anchored network, source augmentation in the pipeline,
+test-time flip averaging and the leave-one-source-out cross-validation command."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mrijax
+from mrijax import checkpoint, cv, data, inference, models, training
+from mrijax.baselines import lut
+from mrijax.config import PRESETS
+from mrijax.data.augment import AugmentConfig
+from mrijax.trainer import Trainer, split_subjects, training_lut
+
+REPO = Path(__file__).resolve().parents[1]
+ANCHORED = dataclasses.replace(models.get_config("narrow"), anchor=True)
+
+
+@pytest.fixture(scope="module")
+def phantom_subjects(tmp_path_factory):
+    root = data.make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_subjects=3, seed=7)
+    return data.load_subjects(root)
+
+
+def _fitted_table(subjects):
+    table = training_lut(subjects)
+    return np.asarray(table["centres"]), np.asarray(table["values"])
+
+
+def test_an_untrained_anchored_network_is_the_look_up_table(phantom_subjects):
+    subject = phantom_subjects[0]
+    centres, values = _fitted_table(phantom_subjects[1:])
+    variables = models.set_lut(models.init_variables(ANCHORED, seed=3), centres, values)
+    # a second input channel (the LUT's output): 27 x filters more weights in the first convolution
+    assert models.count_params(variables["params"]) == models.count_params(
+        models.init_variables("narrow")["params"]) + 27 * ANCHORED.filters
+    assert models.recognise_config(variables) == ANCHORED
+    prediction = inference.synthesize_normalised(variables, subject.source, subject.mask, tile=None)
+    expected = lut.apply_lut(lut.LUT(centres, values), subject.source, subject.mask)
+    np.testing.assert_allclose(prediction, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="bins"):
+        models.set_lut(variables, centres[:10], values[:10])
+    with pytest.raises(ValueError, match="anchored"):
+        models.set_lut(models.init_variables("narrow"), centres, values)
+
+
+def test_brain_loss_ignores_background_voxels():
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0, 1, (2, 4, 4, 4, 1)).astype(np.float32)
+    mask = (rng.uniform(size=target.shape) > 0.5).astype(np.float32)
+    prediction = np.where(mask > 0, target + 0.1, 5.0).astype(np.float32)  # large errors only outside the brain
+    batch = {"target": target, "mask": mask}
+    np.testing.assert_allclose(float(training.mse_loss(prediction, batch, "brain")), 0.01, rtol=1e-4)
+    expected_all = np.mean((prediction - target) ** 2)
+    np.testing.assert_allclose(float(training.mse_loss(prediction, batch, "all")), expected_all, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss"):
+        training.create_train_state("narrow", loss="median")
+
+
+def _epoch(subjects, epoch, augment, seed=0):
+    records = data.patch_records(subjects, 16)[:6]
+    batches = data.patch_dataset(subjects, records, (38,) * 3, (16,) * 3, batch_size=3, seed=seed, epoch=epoch,
+                                 augment=augment)
+    return [batches[i] for i in range(len(batches))]
+
+
+def test_augmentation_is_a_pure_function_of_seed_and_epoch_and_leaves_the_target_alone(phantom_subjects):
+    subjects = phantom_subjects[:1]
+    plain = _epoch(subjects, 0, None)
+    first, again = _epoch(subjects, 0, AugmentConfig()), _epoch(subjects, 0, AugmentConfig())
+    other_epoch, other_seed = _epoch(subjects, 1, AugmentConfig()), _epoch(subjects, 0, AugmentConfig(), seed=1)
+    for a, b, p in zip(first, again, plain):
+        for key in ("source", "target", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])  # same (seed, epoch, step): bitwise the same
+        np.testing.assert_array_equal(a["target"], p["target"])  # target and mask untouched
+        np.testing.assert_array_equal(a["mask"], p["mask"])
+        assert not np.array_equal(a["source"], p["source"])  # the source did change
+        np.testing.assert_array_equal(a["source"] == 0, p["source"] == 0)  # background stays background
+    assert not all(np.array_equal(a["source"], b["source"]) for a, b in zip(first, other_seed))
+    # another epoch draws other blocks and other changes: the same block never gets the same source twice
+    plain_1 = _epoch(subjects, 1, None)
+    for a, p in zip(other_epoch, plain_1):
+        np.testing.assert_array_equal(a["target"], p["target"])
+
+
+def test_flip_averaging_is_the_mean_of_the_two_passes(phantom_subjects):
+    subject = phantom_subjects[0]
+    variables = models.init_variables("narrow", seed=2)
+    volume = subject.source_volume.data
+    plain = mrijax.synthesize(variables, volume, subject.mask, tile=None)
+    mirrored = mrijax.synthesize(variables, volume[::-1], subject.mask[::-1], tile=None)[::-1]
+    both = mrijax.synthesize(variables, volume, subject.mask, tile=None, flip=True)
+    np.testing.assert_allclose(both, 0.5 * (plain + mirrored), atol=1e-6)
+    assert np.abs(plain - mirrored).max() > 1e-3  # the network is not mirror-symmetric: the mean is not a no-op
+
+
+def test_anchored_brain_loss_augmented_run_resumes_exactly_and_exports_its_table(phantom_subjects, tmp_path):
+    def run(workdir, epochs):
+        config = PRESETS["smoke"].replace(variant="narrow", epochs=epochs, max_steps_per_epoch=2, max_val_batches=1,
+                                          anchor="lut", loss="brain", augment=True, jitter=4)
+        train, val = split_subjects(phantom_subjects, 1)
+        return Trainer(config, train, val, workdir, progress=False, log=lambda *a: None)
+
+    full = run(tmp_path / "full", 2).fit()
+    run(tmp_path / "cut", 1).fit()
+    resumed = run(tmp_path / "cut", 2).fit(resume=True)
+    assert set(resumed["variables"]) == {"params", "batch_stats", "lut"}
+    for a, b in zip(jax.tree_util.tree_leaves(full["variables"]), jax.tree_util.tree_leaves(resumed["variables"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # the table is the training subjects' LUT, carried (untrained) into the exported model
+    variables, meta = checkpoint.load_model(tmp_path / "cut")
+    assert meta["anchor"] == "lut" and meta["voxel_size_mm"] == [2.0, 2.0, 2.0]
+    np.testing.assert_array_equal(variables["lut"]["values"], _fitted_table(phantom_subjects[:-1])[1])
+    # warm starts keep the kind of model
+    with pytest.raises(ValueError, match="anchor"):
+        Trainer(PRESETS["smoke"].replace(variant="narrow", init_from=str(tmp_path / "cut")), phantom_subjects[:2],
+                [], tmp_path / "plain", progress=False).new_state()
+
+
+def test_source_groups_keep_sources_and_sessions_together():
+    ids = ["sub-gli00000", "sub-gli00001", "sub-mni152", "sub-ms07", "sub-omslp01s1", "sub-omslp01s2", "sub-tcgadu1"]
+    assert cv.source_groups(ids) == [["sub-gli00000", "sub-gli00001"], ["sub-mni152"], ["sub-ms07"],
+                                     ["sub-omslp01s1", "sub-omslp01s2"], ["sub-tcgadu1"]]
+    assert cv.source_groups(ids, ["sub-m*", "sub-gli*,sub-tcga*", "sub-omslp*"]) == [
+        ["sub-mni152", "sub-ms07"], ["sub-gli00000", "sub-gli00001", "sub-tcgadu1"], ["sub-omslp01s1", "sub-omslp01s2"]]
+    with pytest.raises(ValueError, match="no --groups|no subject|exactly one"):
+        cv.source_groups(ids, ["sub-m*", "sub-gli*"])
+    with pytest.raises(ValueError, match="matches no subject"):
+        cv.source_groups(ids, ["sub-x*", "sub-*"])
+
+
+@pytest.mark.slow
+def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(phantom_subjects, tmp_path):
+    root = Path(phantom_subjects[0].paths["source"]).parents[2]
+    command = [sys.executable, str(REPO / "experiments" / "cv.py"), "--data", str(root), "--preset", "smoke",
+               "--variant", "shallow", "--epochs", "1", "--max-steps-per-epoch", "2", "--anchor", "lut", "--loss", "brain",
+               "--groups", phantom_subjects[0].id, f"{phantom_subjects[1].id},{phantom_subjects[2].id}",
+               "--baselines", "lut", "own-lut", "--out", str(tmp_path / "cv"), "--no-progress"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    rows = report["rows"]
+    assert {(r["subject"], r["method"]) for r in rows} == {
+        (s.id, m) for s in phantom_subjects for m in ("CAE", "LUT", "OWN-LUT")}
+    assert [len(f["train"]) for f in report["folds"]] == [2, 1]
+    assert all(np.isfinite(r["snr"]) for r in rows)
+    # the own-subject LUT is fitted in-sample: never worse than the LUT fitted on other subjects
+    by = {(r["subject"], r["method"]): r for r in rows}
+    assert all(by[(s.id, "OWN-LUT")]["mse"] <= by[(s.id, "LUT")]["mse"] + 1e-9 for s in phantom_subjects)
+    assert "| **mean** |" in (tmp_path / "cv" / "cv.md").read_text()
+    assert len(list((tmp_path / "cv").glob("worst_*.png"))) == 2
+    # run again: the fold models are reused, not retrained (same report, no training log)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert again.returncode == 0 and "steps/epoch" not in again.stdout
+    # a changed recipe in the same folder is refused rather than mixed
+    changed = subprocess.run(command + ["--lr", "0.5"],
+                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert changed.returncode == 2 and "another recipe" in changed.stderr
