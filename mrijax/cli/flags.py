@@ -107,7 +107,8 @@ def _val_subjects(text: str):
 
 def add_val_subjects(parser) -> None:
     parser.add_argument("--val-subjects", type=_val_subjects, default=1,
-                        help="comma-separated subject ids, or a count taken from the end (default 1)")
+                        help="comma-separated subject ids, or a count taken from the end (default 1; 0: train on every "
+                             "subject, no validation, and export the last state as the model)")
 
 
 def add_model(parser) -> None:
