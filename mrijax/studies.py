@@ -9,7 +9,8 @@ subjects) as markdown, CSV and JSON.
 Runs are stored by label in `out_dir/<label>/`, with a `run.json` that records exactly what was trained
 (configuration, subject ids and a data fingerprint). A later study that asks for an identical run reuses
 it, so `base`, shared by every study, is trained once per `out_dir`; a run with more epochs than stored
-resumes the stored one; anything else in that folder is refused rather than mixed up.
+resumes the stored one; anything else in that folder is refused rather than mixed up (`check_resume`, the
+trainer's own check: configuration, data folder, subjects, and here the data fingerprints too).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 from mrijax import checkpoint, metrics, models, plotting, report
 from mrijax.config import PRESETS, TrainConfig
 from mrijax.inference import synthesize
-from mrijax.trainer import Trainer, split_subjects
+from mrijax.trainer import Trainer, check_resume, run_identity, split_subjects
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +132,14 @@ def _fingerprint(subjects) -> list:
 
 
 def _identity(config: TrainConfig, train, val) -> dict:
-    return json.loads(json.dumps({"config": config.to_dict(), "train": _fingerprint(train),
-                                  "val": _fingerprint(val)}))
+    """The trainer's `run_identity` plus data fingerprints, so a run is reused only on the same data."""
+    return {**run_identity(config, train, val), "train": _fingerprint(train), "val": _fingerprint(val)}
+
+
+def _reusable(stored: dict, identity: dict) -> bool:
+    """A finished run can stand for this one: every entry it recorded is the same (entries recorded only by
+    later versions are unknown in older records, and accepted, as in `check_resume`)."""
+    return all(identity.get(k) == v for k, v in stored.items())
 
 
 def _seconds_per_epoch(history) -> float:
@@ -164,15 +171,13 @@ def train_run(run: Run, config: TrainConfig, train, val, run_dir, *, baseline_ms
     identity = _identity(config, train, val)
     if record_path.exists():
         record = json.loads(record_path.read_text())
-        if record["identity"] == identity:
+        if _reusable(record["identity"], identity):
             log(f"{run.label}: reusing the finished run in {run_dir}")
             return {**record, "reused": True}
-        same = lambda i: {**i, "config": {k: v for k, v in i["config"].items() if k != "epochs"}}  # noqa: E731
-        if same(record["identity"]) != same(identity) or record["identity"]["config"]["epochs"] > config.epochs:
-            raise ValueError(f"{run_dir} holds a run with another configuration or data; choose another --out "
-                             "or remove that folder")
+        # Otherwise only what a resume may change differs (e.g. more epochs), or this refuses.
+        check_resume(record["identity"], identity, run_dir, "--out")
     trainer = Trainer(config, train, val, run_dir, baseline_mse=baseline_mse, progress=progress, log=log)
-    result = trainer.fit(resume=True)  # fresh if the folder is empty; Trainer refuses another configuration
+    result = trainer.fit(resume=True)  # fresh if the folder is empty; the checkpoint passes `check_resume` too
     history = result["history"]
     if len(history) != config.epochs:
         raise ValueError(f"{run_dir} holds a run of {len(history)} epochs, not {config.epochs}; choose another "

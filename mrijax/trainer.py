@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -80,9 +81,9 @@ def _local_replica(tree):
 def stop_requests():
     """While training, Ctrl-C and SIGTERM (`kill`, cluster schedulers) only set a flag, checked between steps.
 
-    Raising from the signal handler itself can land anywhere (measured: inside an XLA garbage-collection
-    callback, where Python drops the exception), so the run instead stops at the next step boundary, saves
-    and exits. A second signal interrupts at once. Yields the list of signals received.
+    Raising from the signal handler itself can land anywhere (even inside an XLA garbage-collection callback,
+    where Python drops the exception), so the run instead stops at the next step boundary, saves and exits. A
+    second signal interrupts at once. Yields the list of signals received.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -108,12 +109,59 @@ def stop_requests():
 # Fields a resumed run may change: how long it runs and how its convolutions compute (the state is f32 either
 # way; impl gives the same numbers, compute_dtype rounds the convolution inputs differently from then on).
 RESUMABLE_CHANGES = ("epochs", "impl", "compute_dtype")
+# What else names a run, as a refusal words it ("train"/"val": the studies' data fingerprints; others by key).
+IDENTITY_LABELS = {"data": "another data folder", "train_subjects": "other training subjects",
+                   "val_subjects": "other validation subjects", "train": "other training data",
+                   "val": "other validation data"}
 
 
 def run_defining(config: dict) -> dict:
     """The settings a resumed run must share with the stored one (fields added since count at their default)."""
     full = {**TrainConfig().to_dict(), **config}
     return {k: v for k, v in full.items() if k not in RESUMABLE_CHANGES}
+
+
+def data_folder(subjects) -> str | None:
+    """The folder holding every subject's image files (their common parent), or None for in-memory subjects.
+
+    It stands for `--data`: it changes when --data names another folder, and a manifest that points at the
+    same files gives the same folder."""
+    files = [str(Path(p).resolve()) for s in subjects for p in (s.paths or {}).values() if p is not None]
+    if not files:
+        return None
+    folder = Path(os.path.commonpath(files))
+    return str(folder.parent if folder.is_file() else folder)
+
+
+def run_identity(config: TrainConfig, train_subjects, val_subjects) -> dict:
+    """What a stored run was trained with, as JSON: configuration, data folder and subject ids (in order, since
+    the order of the training subjects is the order of their blocks). Checkpoints carry it; see `check_resume`."""
+    return json.loads(json.dumps({"config": config.to_dict(), "data": data_folder([*train_subjects, *val_subjects]),
+                                  "train_subjects": [s.id for s in train_subjects],
+                                  "val_subjects": [s.id for s in val_subjects]}))
+
+
+def _short(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def check_resume(stored: dict, current: dict, folder, new_folder_flag: str = "--workdir") -> None:
+    """Refuse (one-line ValueError naming all that differs) to continue the run stored in `folder` as `current`
+    when they differ in a run-defining setting (`run_defining`) or in another entry of `stored` (data folder,
+    subjects, ...).
+
+    An entry missing from `stored` (a checkpoint written before it was recorded) is unknown and accepted, so
+    older runs still resume; so is a `None` on either side (subjects without files)."""
+    old, new = run_defining(stored.get("config", {})), run_defining(current["config"])
+    changed = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted({*old, *new})
+               if old.get(k) != new.get(k)]
+    differences = [f"another configuration ({'; '.join(changed)})"] if changed else []
+    differences += [f"{IDENTITY_LABELS.get(k, 'another ' + k)} ({_short(v)}; now {_short(current[k])})"
+                    for k, v in stored.items()
+                    if k != "config" and k in current and None not in (v, current[k]) and v != current[k]]
+    if differences:
+        raise ValueError(f"{folder} holds a run trained with {', '.join(differences)}; use the same flags or a new "
+                         f"{new_folder_flag}")
 
 
 def training_lut(subjects) -> dict:
@@ -155,13 +203,13 @@ class Trainer:
         self.fit_subjects = list(train_subjects) + ([data.mirrored(s) for s in train_subjects] if config.flip else [])
         self.train_records = data.patch_records(self.fit_subjects, config.step)
         self.val_records = data.patch_records(val_subjects, config.step) if val_subjects else None
-        per_process = len(self.train_records) // n_proc
-        self.steps_per_epoch = per_process // self.local_batch
+        self.steps_per_epoch = data.num_batches(len(self.train_records), self.local_batch, n_proc)
         if config.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
         if self.steps_per_epoch < 1:
             raise ValueError(f"only {len(self.train_records)} training blocks for a global batch of "
                              f"{config.batch_size}: lower --batch-size or --patch-step, or add subjects")
+        self.identity = run_identity(config, train_subjects, val_subjects)
 
     # -- state -------------------------------------------------------------------------------------------
     def new_state(self):
@@ -205,9 +253,8 @@ class Trainer:
     def evaluate(self, rstate) -> float:
         """Validation MSE over every validation block (uneven last batches are zero-weighted padding)."""
         _, p_eval = training.parallel_steps()
-        n_proc = jax.process_count()
-        per_process = math.ceil(len(self.val_records) / n_proc)
-        n_batches = math.ceil(per_process / self.local_batch)
+        n_batches = data.num_batches(len(self.val_records), self.local_batch, jax.process_count(),
+                                     drop_remainder=False)
         if self.config.max_val_batches:
             n_batches = min(n_batches, self.config.max_val_batches)
         sq, count = 0.0, 0.0
@@ -230,94 +277,128 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
-        c = self.config
+        """Train up to `config.epochs` (continuing the run stored in the workdir when `resume`); returns the
+        metrics history, the final variables and the best validation MSE. Ctrl-C / SIGTERM save and re-raise."""
         p_train, _ = training.parallel_steps()
         self.workdir.mkdir(parents=True, exist_ok=True)
         manager = checkpoint.make_manager(self.workdir)
-        metrics_path = self.workdir / "metrics.jsonl"
-        state, start_step = self.new_state(), 0
-        history = []
-        if resume and manager.latest_step() is not None:
-            state, meta = checkpoint.restore_state(manager, state)
-            stored = meta.get("config", {})
-            if run_defining(stored) != run_defining(json.loads(json.dumps(c.to_dict()))):
-                raise ValueError(f"--resume: {self.workdir} was trained with another configuration; "
-                                 "use the same flags or a new --workdir")
-            if stored.get("compute_dtype", c.compute_dtype) != c.compute_dtype:
-                self.log(f"resuming with {c.compute_dtype} convolution inputs (was {stored['compute_dtype']})")
-            start_step = int(state.step)
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines()] \
-                if metrics_path.exists() else []
-            history = [h for h in history if h["epoch"] < start_step // self.steps_per_epoch]
-            self.log(f"resumed from step {start_step} in {self.workdir}")
-        elif not resume and manager.latest_step() is not None:
-            raise ValueError(f"{self.workdir} already holds a run; pass --resume to continue it or choose "
-                             "another --workdir")
-        self._write_history(metrics_path, history)
-        self.log(f"{self.variant.name}: {models.count_params(state.params):,} parameters | "
-                 f"{len(self.train_subjects)} train / {len(self.val_subjects)} val subjects | "
-                 f"{len(self.train_records)} train / {len(self.val_records) if self.val_subjects else 0} val blocks of "
-                 f"{self.in_shape[0]}->{c.crop} | {self.steps_per_epoch} steps/epoch of {c.batch_size} | "
-                 f"{jax.device_count()} devices")
+        state, history = self._restore_or_start(manager, resume)
+        self._write_history(history)
+        self._log_start(state)
         rstate = training.replicate(state)
         best = min((h["val_mse"] for h in history), default=math.inf)
-        patch_equiv = (c.crop / 16) ** 3  # one block = this many of the paper's 16^3 patches
+        first_epoch, skip = divmod(int(state.step), self.steps_per_epoch)
         with stop_requests() as stop:
             try:
-                for epoch in range(start_step // self.steps_per_epoch, c.epochs):
-                    skip = start_step - epoch * self.steps_per_epoch if epoch == start_step // self.steps_per_epoch else 0
+                for epoch in range(first_epoch, self.config.epochs):
                     t0, losses = time.perf_counter(), []
-                    records = data.jitter_records(self.train_records, c.jitter, data.epoch_seed(c.seed + 1, epoch))
-                    it = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True,
-                                            augment=self.augment))
-                    bar = tqdm(total=self.steps_per_epoch, initial=max(skip, 0), disable=not self.progress,
-                               desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False)
-                    for b in range(self.steps_per_epoch):
-                        batch = next(it)
-                        if b < skip:
-                            continue
-                        rstate, m = p_train(rstate, training.shard_batch(batch))
-                        losses.append(m["loss"])
-                        if len(losses) > 1:
-                            # At most two steps in flight: dispatch is asynchronous, and without this the loop could
-                            # run far ahead, so a stop request waited for every queued step before saving (seen: a
-                            # wide run still computing 50 s after SIGTERM, at ~6 s per step).
-                            jax.block_until_ready(losses[-2])
-                        bar.update(1)
-                        elapsed = time.perf_counter() - t0
-                        bar.set_postfix_str(f"{len(losses) * c.batch_size * patch_equiv / elapsed:.1f} patches/s")
+                    for rstate, loss in self._epoch_steps(p_train, rstate, epoch, skip if epoch == first_epoch else 0):
+                        losses.append(loss)
                         if stop:
                             raise KeyboardInterrupt
-                    bar.close()
-                    train_mse = float(np.mean([np.asarray(l)[0] for l in losses]))
-                    seconds = time.perf_counter() - t0
-                    val_mse = self.evaluate(rstate) if self.val_records is not None else float("nan")
-                    row = {"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch, "train_mse": train_mse,
-                           "val_mse": val_mse, "seconds": seconds,
-                           "patches_per_s": len(losses) * c.batch_size * patch_equiv / seconds}
-                    history.append(row)
-                    host_state = _local_replica(rstate)
-                    checkpoint.save_state(manager, host_state, {"epoch": epoch, "config": c.to_dict()})
-                    if val_mse < best:  # every process: orbax synchronises them while saving
-                        best = val_mse
-                        checkpoint.export_model(self.workdir / "best", host_state.variables, self.model_meta(row))
-                    if jax.process_index() == 0:
-                        self._write_history(metrics_path, history)
-                        self._plot(history)
-                    self.log(f"epoch {epoch + 1}/{c.epochs}  train_mse {train_mse:.5f}  val_mse {val_mse:.5f}  "
-                             f"{seconds:.0f}s  {row['patches_per_s']:.1f} patches/s")
+                    history, best = self._end_epoch(manager, rstate, epoch, losses, time.perf_counter() - t0,
+                                                    history, best)
                     if stop:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
-                host_state = _local_replica(rstate)
-                step = int(host_state.step)
-                if manager.latest_step() != step:  # interrupted right after an epoch's save: nothing new to save
-                    checkpoint.save_state(manager, host_state, {"epoch": step // self.steps_per_epoch,
-                                                                "config": c.to_dict()})
-                self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
+                self._save_interrupted(manager, rstate)
                 raise
-        final = _local_replica(rstate.variables)
-        return {"history": history, "variables": final, "best_val_mse": best}
+        return {"history": history, "variables": _local_replica(rstate.variables), "best_val_mse": best}
+
+    def _restore_or_start(self, manager, resume: bool):
+        """(state, history): the stored run's latest state and its epochs' metrics rows when resuming one that
+        `check_resume` accepts, else a new state. A stored run without `resume` is refused, never mixed."""
+        state = self.new_state()
+        if manager.latest_step() is None:
+            return state, []
+        if not resume:
+            raise ValueError(f"{self.workdir} already holds a run; pass --resume to continue it or choose "
+                             "another --workdir")
+        state, meta = checkpoint.restore_state(manager, state)
+        check_resume(meta, self.identity, self.workdir)
+        stored_dtype = meta.get("config", {}).get("compute_dtype", self.config.compute_dtype)
+        if stored_dtype != self.config.compute_dtype:
+            self.log(f"resuming with {self.config.compute_dtype} convolution inputs (was {stored_dtype})")
+        done_epochs = int(state.step) // self.steps_per_epoch
+        path = self.workdir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        self.log(f"resumed from step {int(state.step)} in {self.workdir}")
+        return state, [h for h in rows if h["epoch"] < done_epochs]
+
+    def _log_start(self, state) -> None:
+        c = self.config
+        n_val_blocks = len(self.val_records) if self.val_subjects else 0
+        self.log(f"{self.variant.name}: {models.count_params(state.params):,} parameters | "
+                 f"{len(self.train_subjects)} train / {len(self.val_subjects)} val subjects | "
+                 f"{len(self.train_records)} train / {n_val_blocks} val blocks of "
+                 f"{self.in_shape[0]}->{c.crop} | {self.steps_per_epoch} steps/epoch of {c.batch_size} | "
+                 f"{jax.device_count()} devices")
+
+    def _patches_per_block(self) -> float:
+        """One training block = this many of the paper's 16^3 patches (for comparable throughput figures)."""
+        return (self.config.crop / 16) ** 3
+
+    def _epoch_steps(self, p_train, rstate, epoch: int, skip: int):
+        """One epoch's training steps, from batch `skip` on (a resumed epoch): yields (state, loss) after each.
+
+        The batches skipped are still drawn, so the rest are those of the uninterrupted run (the order and
+        augmentation are pure functions of (seed, epoch)). The caller holds the latest state at every yield,
+        which is what an interruption saves."""
+        c = self.config
+        records = data.jitter_records(self.train_records, c.jitter, data.epoch_seed(c.seed + 1, epoch))
+        batches = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True,
+                                     augment=self.augment))
+        t0, done, previous = time.perf_counter(), 0, None
+        with tqdm(total=self.steps_per_epoch, initial=skip, disable=not self.progress,
+                  desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False) as bar:
+            for b in range(self.steps_per_epoch):
+                batch = next(batches)
+                if b < skip:
+                    continue
+                rstate, m = p_train(rstate, training.shard_batch(batch))
+                yield rstate, m["loss"]
+                if previous is not None:
+                    # At most two steps in flight: dispatch is asynchronous, and without this the loop could run
+                    # far ahead, so a stop request would wait for every queued step before saving.
+                    jax.block_until_ready(previous)
+                previous, done = m["loss"], done + 1
+                bar.update(1)
+                rate = done * c.batch_size * self._patches_per_block() / (time.perf_counter() - t0)
+                bar.set_postfix_str(f"{rate:.1f} patches/s")
+
+    def _end_epoch(self, manager, rstate, epoch: int, losses, seconds: float, history: list, best: float):
+        """Validate, then save the train state, export the model if its validation MSE is the best so far, and
+        write metrics.jsonl and loss.png; returns (history with this epoch's row, best validation MSE)."""
+        c = self.config
+        train_mse = float(np.mean([np.asarray(loss)[0] for loss in losses]))
+        val_mse = self.evaluate(rstate) if self.val_records is not None else float("nan")
+        row = {"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch, "train_mse": train_mse,
+               "val_mse": val_mse, "seconds": seconds,
+               "patches_per_s": len(losses) * c.batch_size * self._patches_per_block() / seconds}
+        history = [*history, row]
+        host_state = _local_replica(rstate)
+        checkpoint.save_state(manager, host_state, self._checkpoint_meta(epoch))
+        if val_mse < best:  # every process: orbax synchronises them while saving
+            best = val_mse
+            checkpoint.export_model(self.workdir / "best", host_state.variables, self.model_meta(row))
+        if jax.process_index() == 0:
+            self._write_history(history)
+            self._plot(history)
+        self.log(f"epoch {epoch + 1}/{c.epochs}  train_mse {train_mse:.5f}  val_mse {val_mse:.5f}  "
+                 f"{seconds:.0f}s  {row['patches_per_s']:.1f} patches/s")
+        return history, best
+
+    def _save_interrupted(self, manager, rstate) -> None:
+        """Save the state an interruption reached, unless the epoch's own save already holds that step."""
+        host_state = _local_replica(rstate)
+        step = int(host_state.step)
+        if manager.latest_step() != step:
+            checkpoint.save_state(manager, host_state, self._checkpoint_meta(step // self.steps_per_epoch))
+        self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
+
+    def _checkpoint_meta(self, epoch: int) -> dict:
+        """A train state's metadata: its epoch and what the run is (`run_identity`, read by `check_resume`)."""
+        return {"epoch": epoch, **self.identity}
 
     def model_meta(self, row: dict) -> dict:
         c = self.config
@@ -328,9 +409,8 @@ class Trainer:
                 "val_subjects": [s.id for s in self.val_subjects], "epoch": row["epoch"],
                 "val_mse": row["val_mse"], "train_mse": row["train_mse"], "config": c.to_dict()}
 
-    @staticmethod
-    def _write_history(path: Path, history) -> None:
-        path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    def _write_history(self, history) -> None:
+        (self.workdir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     def _plot(self, history) -> None:
         from mrijax import plotting

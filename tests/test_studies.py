@@ -8,6 +8,8 @@ import csv
 import importlib.util
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,18 @@ def test_a_folder_holding_another_configuration_is_refused(results, tmp_path):
     out, _, subjects, _ = results
     with pytest.raises(ValueError, match="another configuration"):
         studies.run_study("width", "smoke", subjects, 1, out, EPOCHS, overrides={**OVERRIDES, "lr": 0.5},
+                          log=lambda *a: None)
+
+
+def test_a_folder_trained_on_another_data_folder_is_refused(results, phantom_root, tmp_path):
+    """The same subjects copied elsewhere are another --data: refused by the trainer's resume check, before any
+    training, with the folder named once and the way out."""
+    out, _, _, _ = results
+    moved = shutil.copytree(phantom_root, tmp_path / "moved")
+    expected = (f"{out / 'narrow'} holds a run trained with another data folder ({phantom_root.resolve()}; now "
+                f"{moved.resolve()}); use the same flags or a new --out")
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        studies.run_study("width", "smoke", data.load_subjects(moved), 1, out, EPOCHS, overrides=OVERRIDES,
                           log=lambda *a: None)
 
 

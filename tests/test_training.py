@@ -1,6 +1,8 @@
 """Training: pure steps learn, pmap over 2 devices == 1 device, resume == uninterrupted, 2 processes."""
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +53,7 @@ def _run_parallel(devices: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_two_devices_follow_the_same_trajectory_as_one():
     one, two = _run_parallel(1), _run_parallel(2)
     assert (one["devices"], two["devices"]) == (1, 2)
@@ -86,22 +89,37 @@ def phantom_subjects(tmp_path_factory):
     return data.load_subjects(root)
 
 
-def _smoke_trainer(subjects, workdir, epochs=3, log=lambda *a: None, **changes):
+def _smoke_trainer(subjects, workdir, epochs=3, log=lambda *a: None, val=1, **changes):
     # Augmentation on: shifts and mirrors must be pure functions of (seed, epoch) for an exact resume. (The
     # schedule stays constant: `epochs` stands in for the interruption here, and a cosine spans all epochs.)
     config = PRESETS["smoke"].replace(variant="narrow", epochs=epochs, max_steps_per_epoch=2, max_val_batches=1,
                                       jitter=4, flip=True).replace(**changes)
-    train, val = split_subjects(subjects, 1)
+    train, val = split_subjects(subjects, val)
     return Trainer(config, train, val, workdir, progress=False, log=log)
 
 
-def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(phantom_subjects, tmp_path):
-    full = _smoke_trainer(phantom_subjects, tmp_path / "full").fit()
+def _assert_same_variables(a, b):
+    """Bit for bit: a resumed run computes exactly what the uninterrupted one computes."""
+    leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for (path, x), y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(phantom_subjects, tmp_path_factory):
+    """The 3-epoch smoke run every resume is compared with."""
+    return _smoke_trainer(phantom_subjects, tmp_path_factory.mktemp("full")).fit()
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(phantom_subjects, uninterrupted,
+                                                                           tmp_path):
+    full = uninterrupted
     _smoke_trainer(phantom_subjects, tmp_path / "cut", epochs=1).fit()  # "interrupted" after epoch 1
     resumed = _smoke_trainer(phantom_subjects, tmp_path / "cut").fit(resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
-    for a, b in zip(jax.tree_util.tree_leaves(full["variables"]), jax.tree_util.tree_leaves(resumed["variables"])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    _assert_same_variables(full["variables"], resumed["variables"])
+    assert [h["train_mse"] for h in resumed["history"]] == [h["train_mse"] for h in full["history"]]
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
     assert (tmp_path / "cut" / "loss.png").stat().st_size > 0
@@ -113,10 +131,68 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(phant
         _smoke_trainer(phantom_subjects, tmp_path / "cut").fit()
 
 
+def test_a_signal_mid_epoch_saves_that_step_and_resume_finishes_the_same_run(phantom_subjects, uninterrupted,
+                                                                              tmp_path, monkeypatch):
+    """SIGINT after step 3 of 6 (inside epoch 2): the step in flight completes, step 3 is saved, the run raises
+    KeyboardInterrupt; resuming skips the epoch's first batch and ends bit for bit where the full run ends."""
+    p_train, p_eval = training.parallel_steps()
+    calls = []
+
+    def interrupting(state, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler only sets its stop flag
+        return p_train(state, batch)
+
+    logs = []
+    monkeypatch.setattr(training, "parallel_steps", lambda: (interrupting, p_eval))
+    with pytest.raises(KeyboardInterrupt):
+        _smoke_trainer(phantom_subjects, tmp_path, log=logs.append).fit()
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert len(calls) == 3 and any("interrupted: saved step 3" in line for line in logs)
+    assert checkpoint.make_manager(tmp_path).latest_step() == 3
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
+    resumed = _smoke_trainer(phantom_subjects, tmp_path, log=logs.append).fit(resume=True)
+    assert any("resumed from step 3" in line for line in logs)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    _assert_same_variables(uninterrupted["variables"], resumed["variables"])
+    assert resumed["best_val_mse"] == uninterrupted["best_val_mse"]
+
+
+def test_check_resume_names_what_changed_and_accepts_what_older_checkpoints_lack(phantom_subjects):
+    from mrijax.trainer import check_resume, run_identity
+
+    config = PRESETS["smoke"]
+    train, val = split_subjects(phantom_subjects, 1)
+    stored = {"epoch": 0, **run_identity(config, train, val)}
+    check_resume(stored, run_identity(config.replace(epochs=9, compute_dtype="bfloat16", impl="xla"), train, val),
+                 "run")  # may change on resume
+    assert stored["data"] == str(Path(phantom_subjects[0].paths["source"]).resolve().parents[2])
+    other_val = run_identity(config, *split_subjects(phantom_subjects, [phantom_subjects[0].id]))
+    cases = [(run_identity(config.replace(lr=0.5), train, val), "another configuration \\(lr 0.001 -> 0.5\\)"),
+             ({**stored, "data": "/elsewhere"}, "another data folder"),
+             (run_identity(config, train[:1], val), "other training subjects"),
+             (other_val, "other validation subjects")]
+    for current, message in cases:
+        with pytest.raises(ValueError, match=f"^run holds a run trained with .*{message}.*; use the same flags or a "
+                                             "new --workdir$") as error:
+            check_resume(stored, current, "run")
+        assert "\n" not in str(error.value)
+    # a checkpoint written before data and subjects were recorded: unknown, accepted
+    check_resume({"epoch": 0, "config": stored["config"]}, other_val, "run")
+
+
 def test_resume_may_change_precision_but_not_the_run(phantom_subjects, tmp_path):
     _smoke_trainer(phantom_subjects, tmp_path, epochs=1).fit()
     with pytest.raises(ValueError, match="another configuration"):
         _smoke_trainer(phantom_subjects, tmp_path, epochs=2, lr=0.5).fit(resume=True)
+    with pytest.raises(ValueError, match="other validation subjects"):
+        _smoke_trainer(phantom_subjects, tmp_path, epochs=2, val=[phantom_subjects[0].id]).fit(resume=True)
+    moved = tmp_path.parent / f"{tmp_path.name}-moved-data"
+    shutil.copytree(Path(phantom_subjects[0].paths["source"]).parents[2], moved)
+    with pytest.raises(ValueError, match=f"{tmp_path} holds a run trained with another data folder"):
+        _smoke_trainer(data.load_subjects(moved), tmp_path, epochs=2).fit(resume=True)
     logs = []
     trainer = _smoke_trainer(phantom_subjects, tmp_path, epochs=2, log=logs.append, compute_dtype="bfloat16")
     history = trainer.fit(resume=True)["history"]
@@ -148,6 +224,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_over_loopback(phantom_subjects, tmp_path):
     root = Path(phantom_subjects[0].paths["source"]).parents[2]
     port = _free_port()
