@@ -1,23 +1,19 @@
 """Convolution arithmetic for the CAE: one entry point, several implementations.
 
 `conv3d(x, kernel, bias, impl=...)` computes a VALID 3x3x3 convolution on channels-last input.
-- "xla": `lax.conv_general_dilated`, the reference every fast path is tested against. Best on GPU.
-- "matmul": the convolution as one matrix product per block of the volume, with a hand-written backward
-  (`jax.custom_vjp`). XLA:CPU runs 3D convolutions ~5-10x below its matmul speed, and autodiff of the
-  slicing/concatenation a matmul formulation needs is slow too, so both directions are spelled as matmuls.
-- "cm": the same products in channel-major layout over the whole (flattened) volume, so that every shifted
-  copy is a long contiguous row copy and the products run at the library's best speed (see the section below).
-  Fastest on CPUs for every layer shape, in bf16 and f32 (measured, see `conv3d_auto`).
+- "xla": `lax.conv_general_dilated`, the reference every other form is tested against. Best on GPU (cuDNN).
+- "cm": the convolution as matrix products in channel-major layout over the whole (flattened) volume, with a
+  hand-written backward (`jax.custom_vjp`). XLA:CPU runs 3D convolutions several times below its matrix product
+  speed, and autodiff of the slicing a product formulation needs is slow too, so both directions are spelled as
+  products; channel-major, every shifted copy is a long contiguous row copy (see the section below).
 - "auto" (the default): "cm" on CPUs (the whole network channel-major, one transpose in and out), "xla"
-  elsewhere (cuDNN).
+  elsewhere.
 
-The matmul form splits the 27 taps between the two matrix sides. Taps whose shifted copies are concatenated
-into the input channels ("inner" taps) grow the contraction K = taps_in * Cin at the cost of copying the input
-that many times; taps produced as extra output channels ("outer" taps, N = taps_out * Cout) are summed with
-shifted views afterwards. The D taps are always outer, so the input is cut into disjoint D-blocks (one
-`lax.map` step each, its copies near the cache) with no halo to recompute; `inner_axes` picks the rest per
-layer shape (Cout=1: all 27 taps outer; otherwise the 9 (H, W) taps inner, K = 9 Cin, N = 3 Cout).
-The price is a tap-output tensor 3x (27x for Cout=1) the size of the output, summed in one fused pass.
+The product splits the 27 taps between its two sides. Taps whose shifted copies are concatenated into the
+input channels ("inner" taps) grow the contraction K = taps_in * Cin at the cost of copying the input that many
+times; taps produced as extra output channels ("outer" taps, N = taps_out * Cout) are summed with shifted
+views afterwards, at the price of a tap-output tensor taps_out times the size of the output. `cm_inner_axes`
+picks the split per layer shape. Speeds are in RESULTS.md.
 """
 from __future__ import annotations
 
@@ -28,7 +24,6 @@ import jax.numpy as jnp
 from jax import lax
 
 DIMENSION_NUMBERS = ("NDHWC", "DHWIO", "NDHWC")
-BLOCK_VOXELS = 8192  # input voxels per D-block; 1.5k-30k measured alike (within noise) on a 2-core AVX2 CPU
 
 
 def conv3d_xla(x, kernel):
@@ -37,134 +32,21 @@ def conv3d_xla(x, kernel):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Matmul formulation
-
-
-def inner_axes(cin: int, cout: int) -> int:
-    """How many trailing spatial axes (W, then H) put their taps into the contraction; D taps stay outputs.
-
-    Keeping the D taps as outputs means disjoint D-blocks of the input need no halo (no recomputation).
-    """
-    if cout == 1:
-        return 0  # K = Cin, N = 27: every tap as an output channel, no input copies at all
-    return 2  # K = 9 * Cin, N = 3 * Cout
-
-
-def _contraction_copies(x, n_inner: int):
-    """Concatenate the 3 shifts of each of the last n_inner spatial axes into channels (tap-major order).
-
-    x is (..., D, H, W, C); the shifted axes shrink by 2 (VALID).
-    """
-    copies = [x]
-    for axis in range(x.ndim - 1 - n_inner, x.ndim - 1):
-        size = x.shape[axis] - 2
-        copies = [lax.slice_in_dim(c, s, s + size, axis=axis) for c in copies for s in range(3)]
-    return jnp.concatenate(copies, axis=-1) if len(copies) > 1 else x
-
-
-def _outer_taps(n_inner: int):
-    return list(itertools.product(range(3), repeat=3 - n_inner))
-
-
-def _block_depth(shape) -> int:
-    """Input D-planes per block, about BLOCK_VOXELS voxels, so a block's copies stay near the cache."""
-    _, d, h, w, _ = shape
-    return int(max(1, min(d, BLOCK_VOXELS // (h * w))))
-
-
-def _map_d_blocks(fn, *arrays):
-    """fn over disjoint D-blocks of one sample each (arrays share B and D); zero-pads D to whole blocks."""
-    b, d = arrays[0].shape[:2]
-    depth = _block_depth(arrays[0].shape)
-    n = -(-d // depth)
-    blocks = [jnp.pad(a, ((0, 0), (0, n * depth - d)) + ((0, 0),) * (a.ndim - 2)).reshape(
-        (b * n, depth) + a.shape[2:]) for a in arrays]
-    return lax.map(lambda args: fn(*args), blocks), (b, n, depth)
-
-
-def _conv_matmul_value(x, kernel):
-    """VALID conv as per-block products (input copies) @ (kernel matrix), then a sum of shifted tap outputs."""
-    cin, cout = kernel.shape[3:]
-    n_inner = inner_axes(cin, cout)
-    n_outer = 3 - n_inner
-    order = tuple(range(n_outer, 3)) + (3,) + tuple(range(n_outer)) + (4,)
-    matrix = kernel.transpose(order).reshape(3 ** n_inner * cin, 3 ** n_outer * cout)
-    y, (b, n, depth) = _map_d_blocks(
-        lambda block: jnp.dot(_contraction_copies(block, n_inner), matrix, preferred_element_type=jnp.float32), x)
-    y = y.reshape((b, n * depth) + y.shape[2:-1] + (3 ** n_outer, cout))
-    out_sizes = tuple(s - 2 for s in x.shape[1:4])
-    out = None
-    for i, taps in enumerate(_outer_taps(n_inner)):
-        index = tuple(slice(t, t + out_sizes[a]) for a, t in enumerate(taps)) + (slice(None),) * n_inner
-        part = y[(slice(None),) + index + (i,)]
-        out = part if out is None else out + part
-    return out
-
-
-def _kernel_grad(x, dy):
-    """d(sum(conv(x, k) * dy))/dk, blockwise like the forward: (copies)^T @ (dy shifted by every outer tap)."""
-    cin, cout = x.shape[-1], dy.shape[-1]
-    n_inner = inner_axes(cin, cout)
-    n_outer = 3 - n_inner
-    # shifted[q, tap] = dy[q - tap] (zero outside) at every input position q of the outer axes
-    shifted = jnp.concatenate([
-        jnp.pad(dy, ((0, 0),) + tuple((t, 2 - t) for t in taps) + ((0, 0),) * (n_inner + 1))
-        for taps in _outer_taps(n_inner)], axis=-1)
-
-    def block_grad(xb, sb):
-        cols = _contraction_copies(xb, n_inner)
-        return jnp.dot(cols.reshape(-1, cols.shape[-1]).T, sb.reshape(-1, sb.shape[-1]),
-                       preferred_element_type=jnp.float32)
-
-    parts, _ = _map_d_blocks(block_grad, x, shifted)
-    grad = parts.sum(0).reshape((3,) * n_inner + (cin,) + (3,) * n_outer + (cout,))
-    order = tuple(range(n_inner + 1, 4)) + tuple(range(n_inner)) + (n_inner, 4)
-    return grad.transpose(order)
-
-
-def _with_vjp(value, kernel_grad):
-    """A convolution with a hand-written backward from its VALID value function and its kernel gradient.
-
-    Input gradient = the full convolution of the output gradient = the same VALID convolution of the 2-padded
-    gradient with the flipped, in/out-swapped kernel, so it runs through the same fast products as the forward.
-    """
-    @jax.custom_vjp
-    def conv(x, kernel):
-        return value(x, kernel)
-
-    def forward(x, kernel):
-        return value(x, kernel), (x, kernel)
-
-    def backward(residuals, dy):
-        x, kernel = residuals
-        dy = dy.astype(x.dtype)
-        flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
-        dx = value(jnp.pad(dy, ((0, 0), (2, 2), (2, 2), (2, 2), (0, 0))), flipped)
-        return dx.astype(x.dtype), kernel_grad(x, dy).astype(kernel.dtype)
-
-    conv.defvjp(forward, backward)
-    return conv
-
-
-conv3d_matmul = _with_vjp(_conv_matmul_value, _kernel_grad)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Channel-major matmul formulation ("cm")
+# Channel-major product formulation ("cm")
 #
 # Activations are transposed once to (C, B*D*H*W) (`_to_channel_major`). Every voxel of that flat axis is treated
 # as an output position, so each tap is a flat offset and each shifted copy ("column" block) is one long
-# contiguous slice per channel row (`_shifted_rows`); positions whose window leaves the volume are computed and
-# cropped (~19% extra products at 36^3). Every product has the long voxel axis as the minor axis of both the
-# columns and the result: (N, K) @ (K, M) for values and input gradients, (K, M) @ (N, M)^T for kernel
-# gradients. Measured on a 2-core AVX-512 CPU (XLA:CPU, YNN dots, bf16 inputs, f32 accumulation), these run at
-# ~330-390 GFLOP/s where the channels-last (M, K) @ (K, N) and its transposed-lhs kernel gradient ran at ~180
-# and ~50 GFLOP/s. The price is whole-volume columns (9x the input) instead of cache-sized blocks; since each
-# input is materialised once as an integer payload (`_payload`) that traffic is cheap in f32 too.
+# contiguous slice per channel row (`_tap_rows`); positions whose window leaves the volume are computed and
+# cropped (for a 36^3 input about a fifth more products). Every product has the long voxel axis as the minor
+# axis of both the columns and the result: (N, K) @ (K, M) for values and input gradients, (K, M) @ (N, M)^T for
+# kernel gradients, the orientation XLA:CPU's dot kernels run fastest (the channels-last (M, K) @ (K, N) and
+# its transposed-lhs kernel gradient ran several times slower). The price is whole-volume columns (9x the
+# input); since each input is materialised once as an integer payload (`_payload`) that traffic is cheap.
 
 
 def cm_inner_axes(cin: int, cout: int) -> int:
-    """Trailing spatial axes whose taps go into the contraction (see `inner_axes`), channel-major form."""
+    """How many trailing spatial axes (W, then H, then D) put their taps into the contraction; the others' taps
+    are extra output rows (see the module docstring)."""
     if cin == 1:
         return 3  # K = 27: copies of a 1-channel volume are cheap, and no tap outputs to sum
     if cout == 1:
@@ -180,9 +62,9 @@ def _payload(x):
     producer (BatchNorm, ReLU, the bf16 cast, pads) and recomputes it per tap, and `optimization_barrier` does not
     stop that inside a training step; a product is never fused into its consumers, so the data passes once through
     a product with the identity (exact: one nonzero term, accumulated in f32). (2) A fusion whose result collapses
-    the minor axes (5D -> (C, L)) is emitted with per-element index arithmetic, ~20x slower than one that keeps the
+    the minor axes (5D -> (C, L)) is emitted with per-element index arithmetic, far slower than one that keeps the
     minor axis, so the identity multiplies the W axis of (rows, W) and the product's result is reshaped for free.
-    (3) XLA:CPU moves bf16 elementwise through f32 converts, several ns per element inside pad/slice fusions, so
+    (3) XLA:CPU moves bf16 elementwise through f32 converts, slow inside pad/slice fusions, so
     pads and copies move integers, and the bf16 bits are taken from the f32 product by a shift (exact: the value
     is a bf16 value). A non-finite value turns its whole W row NaN, which the convolution would spread anyway."""
     if x.dtype not in (jnp.bfloat16, jnp.float32):
@@ -203,7 +85,7 @@ def _tap_rows(raw, strides, length, reverse=False):
     """Shifted copies of the payload raw (C, L): rows (tap, c) = raw[c, o(tap) : o(tap) + length] for every tap
     of the axes with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0, 1, 2; the first axis's tap
     outermost; reverse: 2 - t_a). Built one axis at a time from the last: each stage is one stack of 3 shifted long
-    contiguous slices of the previous stage's rows. Measured ~2.5x faster than writing the 9 shifted copies
+    contiguous slices of the previous stage's rows, which XLA:CPU copies faster than 9 shifted copies written
     directly into one buffer, though it copies 12 rows per input row, not 9."""
     if not strides:
         return raw[:, :length]
@@ -221,8 +103,8 @@ def _to_channel_major(x):
     """(B, D, H, W, C) -> (C, B*D*H*W), materialised by a product with the identity (exact: one nonzero term).
 
     A plain transpose would be fused by XLA into each of the 9-27 shifted copies that read it, each then
-    reading the channels-last input with a 2*C-byte stride (measured 7x slower than copying a channel-major
-    array); a product is never fused into its consumers, and at K = C it costs a few ms. Exact for finite values;
+    reading the channels-last input with a 2*C-byte stride (several times slower than copying a channel-major
+    array); a product is never fused into its consumers, and at K = C it is cheap. Exact for finite values;
     a non-finite input value turns the whole voxel (all channels) NaN, which the convolution would spread anyway."""
     c = x.shape[-1]
     eye = jnp.eye(c, dtype=x.dtype)
@@ -277,8 +159,8 @@ def _cm_forward(xt, kernel):
 
     Every voxel of the flattened (B, D, H, W) grid is an output position, so a tap is a flat offset: the
     columns are contiguous row slices and the outer-tap sum adds contiguous row slices. Positions whose
-    window leaves the volume (or the sample) are computed too and cropped at the end (19% extra products
-    for a 36^3 input, cheaper than the strided copies a VALID-only layout needs)."""
+    window leaves the volume (or the sample) are computed too and cropped at the end (cheaper than the strided
+    copies a VALID-only layout needs)."""
     cout = kernel.shape[4]
     c, b, d, h, w = xt.shape
     n = b * d * h * w
@@ -306,7 +188,7 @@ def _cm_backward(residuals, dyt):
     # dy placed at corner (2, 2, 2) of each sample's grid = the flat gradient shifted right by `shift` (every
     # shifted position stays inside its sample), plus one zero sample of tail: the input of the dx product, and,
     # sliced, of the kernel gradient. Padding the 5D array before the identity product is one cheap pass; a flat
-    # pad after a 5D one fused into the copies was measured ~25x slower per element.
+    # pad after a 5D one is fused into the copies, where it costs far more per element.
     placed = jnp.pad(dyt.astype(kernel.dtype), ((0, 0), (0, 1), (2, 0), (2, 0), (2, 0)))
     dy_raw = _payload(placed)
     flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
@@ -363,24 +245,15 @@ def conv3d_cm(x, kernel):
 
 
 def conv3d_auto(x, kernel):
-    """"cm" on CPUs, XLA's convolution (cuDNN) elsewhere.
-
-    Measured on a 2-core AVX-512 EPYC (XLA:CPU, base/wide train steps, batch 8 of 38^3 patches, one process each,
-    steps without page faults): with "cm" everywhere f32 base took 1.15-1.19 s per step against 1.26-1.36 s with
-    "matmul" hidden layers, f32 wide 2.14-2.48 s against 2.68-2.93 s; bf16 already favoured "cm" at every width.
-    XLA's CPU convolution was ~3x slower than both."""
+    """"cm" on CPUs, where it beats XLA's CPU convolution for every layer shape in f32 and bf16 (RESULTS.md);
+    XLA's convolution (cuDNN) elsewhere."""
     if jax.default_backend() != "cpu":
         return conv3d_xla(x, kernel)
     return conv3d_cm(x, kernel)
 
 
-IMPLEMENTATIONS = {"xla": conv3d_xla, "matmul": conv3d_matmul, "cm": conv3d_cm, "auto": conv3d_auto}
+IMPLEMENTATIONS = {"xla": conv3d_xla, "cm": conv3d_cm, "auto": conv3d_auto}
 DEFAULT_IMPL = "auto"
-
-
-def best_impl() -> str:
-    """The default: "auto" picks by backend."""
-    return DEFAULT_IMPL
 
 
 def channel_major(impl: str) -> bool:

@@ -114,9 +114,9 @@ def test_channel_major_network_transposes_once(monkeypatch):
     variables = models.init_variables("base", seed=3)
     x = jax.ShapeDtypeStruct((1, 38, 38, 38, 1), jnp.float32)
     cpu = jax.default_backend() == "cpu"
-    # "auto" is "cm" everywhere on a CPU (one transpose); "matmul" and "xla" stay channels-last (none)
+    # "auto" is "cm" everywhere on a CPU (one transpose); "xla" stays channels-last (none)
     cases = [("cm", jnp.float32, 1), ("auto", jnp.bfloat16, 1 if cpu else 0), ("auto", jnp.float32, 1 if cpu else 0),
-             ("matmul", jnp.float32, 0)]
+             ("xla", jnp.float32, 0)]
     for impl, dtype, expected in cases:
         calls.clear()
         jax.make_jaxpr(lambda v, a: models.build_model("base", impl=impl, compute_dtype=dtype).apply(v, a))(

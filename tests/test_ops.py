@@ -10,8 +10,9 @@ FAST_IMPLS = [name for name in ops.IMPLEMENTATIONS if name != "xla"]
 F32_RTOL = 1e-5  # relative to the largest magnitude: both sides sum the same products in another order
 BF16_RTOL = 2e-2  # bf16 rounding (8 mantissa bits) of products taken in a different order than the reference
 
-# (batch, D, H, W, Cin, Cout): first layer (Cin=1), last layer (Cout=1), widths 16/32/48, odd sizes, batch 1
-# and 3 (one lax.map block per sample), and a volume split into several D-blocks with a zero-padded last one.
+# (batch, D, H, W, Cin, Cout): first layer (Cin=1: every tap in the contraction), last layer (Cout=1: every tap
+# an output row), widths 16/32/48 (9 taps in, 3 out), odd and unequal sizes (flat offsets that wrap around rows,
+# planes and samples), batch 1 and 3, and a larger volume.
 SHAPES = [
     (3, 7, 8, 9, 1, 32),
     (1, 12, 9, 8, 16, 1),
@@ -84,10 +85,15 @@ def test_unknown_impl_is_refused():
         ops.conv3d(x, kernel, bias, impl="nope")
 
 
-def test_default_impl_policy():
-    """"auto" = on CPU the measured faster matmul form, "cm", for every layer (never XLA's convolution), XLA's
+def test_implementations_and_default():
+    """The forms there are: the reference, the channel-major products and the choice by backend."""
+    assert set(ops.IMPLEMENTATIONS) == {"xla", "cm", "auto"} and FAST_IMPLS == ["cm", "auto"]
+    assert ops.DEFAULT_IMPL == "auto"
+
+
+def test_auto_is_cm_on_cpus_and_xla_elsewhere():
+    """"auto" = on CPU the channel-major products, "cm", for every layer (never XLA's convolution), XLA's
     elsewhere."""
-    assert ops.best_impl() == ops.DEFAULT_IMPL == "auto"
     assert ops.channel_major("auto") == (jax.default_backend() == "cpu")
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
