@@ -18,7 +18,9 @@ from jax import lax
 from mrijax import models, ops
 from mrijax.data.preprocessing import brain_mask, normalise
 
-DEFAULT_TILE = 128  # output tile edge: 197x233x189 in f32 25.4 s / 3.5 GiB peak (64: 41.1 s / 2.0 GiB; 96: 45.5 s)
+# Output tile edge. A larger tile recomputes less of the context margin around each tile but needs more memory;
+# 128 was the fastest on a whole 1 mm brain (RESULTS.md), and a smaller one (e.g. 64) trades speed for memory.
+DEFAULT_TILE = 128
 
 
 def _round_up(n: int, k: int) -> int:
