@@ -31,14 +31,13 @@ def find_jemalloc() -> str | None:
 def tune_malloc() -> None:
     """Re-start this script once with a memory allocator suited to XLA (off with MRIJAX_HUGEPAGES=0).
 
-    XLA:CPU allocates one large buffer per step (~0.9 GB for a base batch-8 training step) and frees it at the
-    end; wherever that memory is fresh, its pages fault on first touch, ~2-3 ms per 2 MiB page on these
-    machines, and a step takes ~2.5x as long. With glibc's defaults every step is fresh memory (a new mmap).
-    glibc tuned by `HUGE_PAGES` reuses its heap, but the heap fragments: in 16-step runs here 2-5 steps still
-    took fresh pages and peak RSS reached 4.9-8.2 GiB. jemalloc (`JEMALLOC_CONF`), preloaded when installed,
-    reused its memory from the second or third step on, at peak RSS 2.4-2.5 GiB (base) / 3.6 GiB (wide); see
-    RESULTS.md. Allocator settings are read when the process starts, hence the re-exec; results are
-    bit-identical. The user's own GLIBC_TUNABLES / MALLOC_CONF settings come last and so win.
+    XLA:CPU allocates one large buffer per step and frees it at the end; wherever that memory is fresh, its
+    pages fault on first touch, which makes a step take several times as long. With glibc's defaults every step
+    is fresh memory (a new mmap). glibc tuned by `HUGE_PAGES` reuses its heap, but the heap fragments, so some
+    steps still take fresh pages and the peak memory grows. jemalloc (`JEMALLOC_CONF`), preloaded when installed,
+    reuses its memory after the first steps at a lower peak (figures in RESULTS.md). Allocator settings are read
+    when the process starts, hence the re-exec; results are bit-identical. The user's own GLIBC_TUNABLES /
+    MALLOC_CONF settings come last and so win.
     """
     if not sys.platform.startswith("linux") or os.environ.get("MRIJAX_HUGEPAGES", "1") == "0":
         return
