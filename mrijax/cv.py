@@ -205,3 +205,21 @@ def write(out, rows, summary, folds, config, flip) -> dict:
                                {"config": config.to_dict(), "flip": flip, "folds": folds, "summary": summary},
                                name="cv")
 
+
+
+def card_entry(report_json) -> dict:
+    """What a model card (`model.json`) records of its recipe's cross-validation: per-method means, the CAE's
+    margins over each baseline, the folds and where the full report is."""
+    stored = json.loads(Path(report_json).read_text())
+    return {"report": str(report_json), "flip": stored["flip"], "summary": stored["summary"],
+            "folds": [{"fold": f["fold"], "test": f["test"]} for f in stored["folds"]],
+            "recipe": stored["config"]}
+
+
+def add_to_card(model_dir, report_json) -> Path:
+    """Record a cross-validation report in a model's card (model.json) under "cv"."""
+    card = Path(model_dir) / "model.json"
+    meta = json.loads(card.read_text())
+    meta["cv"] = card_entry(report_json)
+    card.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return card

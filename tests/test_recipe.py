@@ -155,6 +155,11 @@ def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(
     assert all(by[(s.id, "OWN-LUT")]["mse"] <= by[(s.id, "LUT")]["mse"] + 1e-9 for s in phantom_subjects)
     assert "| **mean** |" in (tmp_path / "cv" / "cv.md").read_text()
     assert len(list((tmp_path / "cv").glob("worst_*.png"))) == 2
+    card = cv.add_to_card(tmp_path / "cv" / report["folds"][0]["fold"] / "model", tmp_path / "cv" / "cv.json")
+    recorded = json.loads(card.read_text())["cv"]
+    assert recorded["summary"]["CAE"]["snr"] == report["summary"]["CAE"]["snr"]
+    assert recorded["recipe"]["anchor"] == "lut" and [f["test"] for f in recorded["folds"]] == [
+        [phantom_subjects[0].id], [phantom_subjects[1].id, phantom_subjects[2].id]]
     # run again: the fold models are reused, not retrained (same report, no training log)
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert again.returncode == 0 and "steps/epoch" not in again.stdout

@@ -27,6 +27,8 @@ def parse_args(argv=None):
                                             "(default: <out>/baselines)")
     p.add_argument("--tta", action="store_true", help="test-time flip averaging for the CAE (twice the time)")
     p.add_argument("--out", default="results/cv", help="output folder (fold models, report, figures)")
+    p.add_argument("--card", metavar="MODEL_DIR",
+                   help="also record the CV summary in this model's card (its model.json) under \"cv\"")
     p.add_argument("--no-progress", action="store_true")
     flags.add_config_flags(p)
     return p.parse_args(argv)
@@ -49,4 +51,6 @@ def main(argv=None) -> int:
               baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines",
               flip=args.tta, compute_dtype=config.compute_dtype, progress=not args.no_progress)
     print((out / "cv.md").read_text())
+    if args.card:
+        print(f"recorded in {cv.add_to_card(args.card, out / 'cv.json')}")
     return 0
