@@ -114,8 +114,13 @@ def _scores(prediction, subject) -> dict:
 
 
 def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, baseline_cache=None,
-           flip: bool = False, compute_dtype: str = "float32", progress: bool = False, log=print) -> dict:
-    """Train one model per fold and score every held-out subject; returns {"rows", "summary", "folds"}."""
+           flip: bool = False, compute_dtype: str = "float32", warm_start=None, progress: bool = False,
+           log=print) -> dict:
+    """Train one model per fold and score every held-out subject; returns {"rows", "summary", "folds"}.
+
+    `warm_start`: the folder of an earlier CV over the same folds; each fold then continues from that CV's
+    model of the same fold (`init_from`), so a recipe can be trained further without leaking a held-out source.
+    """
     from mrijax import inference, plotting
 
     out = Path(out)
@@ -126,7 +131,8 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, b
         train = [s for s in subjects if s.id not in group]
         test = [by_id[i] for i in group]
         log(f"fold {name}: train on {len(train)} subjects, test on {', '.join(group)}")
-        variables, train_seconds = train_fold(config, train, out / name, progress=progress, log=log)
+        fold_config = config.replace(init_from=str(Path(warm_start) / name / "model")) if warm_start else config
+        variables, train_seconds = train_fold(fold_config, train, out / name, progress=progress, log=log)
         folds.append({"fold": name, "test": group, "train": [s.id for s in train], "train_seconds": train_seconds})
         worst = None
         for subject in test:

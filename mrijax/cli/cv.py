@@ -27,6 +27,8 @@ def parse_args(argv=None):
                                             "(default: <out>/baselines)")
     p.add_argument("--tta", action="store_true", help="test-time flip averaging for the CAE (twice the time)")
     p.add_argument("--out", default="results/cv", help="output folder (fold models, report, figures)")
+    p.add_argument("--warm-start", metavar="CV_DIR",
+                   help="continue each fold from the model of the same fold in an earlier CV's --out folder")
     p.add_argument("--card", metavar="MODEL_DIR",
                    help="also record the CV summary in this model's card (its model.json) under \"cv\"")
     p.add_argument("--no-progress", action="store_true")
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     cv.run_cv(subjects, groups, config, out, baselines=args.baselines,
               baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines",
-              flip=args.tta, compute_dtype=config.compute_dtype, progress=not args.no_progress)
+              flip=args.tta, compute_dtype=config.compute_dtype, warm_start=args.warm_start,
+              progress=not args.no_progress)
     print((out / "cv.md").read_text())
     if args.card:
         print(f"recorded in {cv.add_to_card(args.card, out / 'cv.json')}")
