@@ -83,11 +83,11 @@ def _validate(volume, mask):
     return volume.astype(np.float32), mask
 
 
-def synthesize(params, volume, mask=None, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
+def synthesize(variables, volume, mask=None, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
                compute_dtype=jnp.float32, flip: bool = False) -> np.ndarray:
     """Synthesize the target contrast for a whole 3D source volume.
 
-    params: a variables dict {"params", "batch_stats"} (+ "lut" for an anchored model) of a trained model (the
+    variables: the variables dict {"params", "batch_stats"} (+ "lut" for an anchored model) of a trained model (the
         architecture is recognised from its layer names and shapes).
     volume: raw 3D source array in any intensity scale. mask: brain mask (else the positive voxels).
     Returns an array of the volume's shape, in normalised target units (target / (3 x its brain mean)),
@@ -98,7 +98,7 @@ def synthesize(params, volume, mask=None, *, tile: int | None = DEFAULT_TILE, im
     volume, mask = _validate(volume, mask)
     mask = brain_mask(volume, mask=mask)
     source = normalise(volume, mask)
-    return synthesize_normalised(params, source, mask, tile=tile, impl=impl, compute_dtype=compute_dtype, flip=flip)
+    return synthesize_normalised(variables, source, mask, tile=tile, impl=impl, compute_dtype=compute_dtype, flip=flip)
 
 
 def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
@@ -114,11 +114,11 @@ def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT
 def _network_pass(variables, source, mask, *, tile, impl, compute_dtype) -> np.ndarray:
     source, mask = np.ascontiguousarray(source, np.float32), np.ascontiguousarray(mask, bool)
     variant = models.recognise_config(variables)
-    volume = source
+    shape = source.shape
     m = models.margin(variant)
-    out_shape, tile_shape, origins = tile_plan(volume.shape, mask, variant, tile)
+    out_shape, tile_shape, origins = tile_plan(shape, mask, variant, tile)
     padded = np.zeros(tuple(s + 2 * m for s in out_shape), np.float32)
-    padded[m:m + volume.shape[0], m:m + volume.shape[1], m:m + volume.shape[2]] = source
+    padded[m:m + shape[0], m:m + shape[1], m:m + shape[2]] = source
     # Bucket the tile count to a power of two (repeating a tile is harmless) so compiled shapes are reused.
     bucket = 1 << max(0, math.ceil(math.log2(max(len(origins), 1))))
     origins = np.concatenate([origins, np.repeat(origins[:1], bucket - len(origins), axis=0)])
@@ -127,5 +127,5 @@ def _network_pass(variables, source, mask, *, tile, impl, compute_dtype) -> np.n
         variables, jnp.asarray(padded), jnp.asarray(origins), variant=variant, out_shape=out_shape,
         tile_shape=tile_shape, impl=impl or ops.DEFAULT_IMPL, compute_dtype=compute_dtype,
     )
-    out = np.asarray(out)[: volume.shape[0], : volume.shape[1], : volume.shape[2]]
+    out = np.asarray(out)[: shape[0], : shape[1], : shape[2]]
     return np.where(mask, out, 0.0).astype(np.float32)
