@@ -24,7 +24,7 @@ import numpy as np
 
 from mrijax import checkpoint, metrics, models, plotting, report
 from mrijax.config import PRESETS, TrainConfig
-from mrijax.inference import synthesize
+from mrijax.inference import synthesize_normalised
 from mrijax.trainer import Trainer, check_resume, run_identity, split_subjects
 
 
@@ -149,9 +149,9 @@ def _seconds_per_epoch(history) -> float:
 
 
 def synthesis_metrics(variables, subjects, impl: str | None = None) -> dict[str, dict[str, float]]:
-    """Whole-volume `synthesize` + `metrics.evaluate` per subject (Subject.source is normalised already;
-    synthesize normalises again, which leaves it unchanged: its brain mean is 1/3)."""
-    return {s.id: metrics.evaluate(synthesize(variables, s.source, s.mask, impl=impl), s.target, s.mask)
+    """Whole-volume synthesis + `metrics.evaluate` per subject (Subject.source is normalised already, so it goes
+    to the network as it is)."""
+    return {s.id: metrics.evaluate(synthesize_normalised(variables, s.source, s.mask, impl=impl), s.target, s.mask)
             for s in subjects}
 
 

@@ -119,7 +119,8 @@ def test_base_is_trained_once_and_reused_across_studies(results):
 
 
 def test_subject_source_is_a_fixed_point_of_the_normalisation(results):
-    """synthesize() normalises its input; Subject.source is normalised already, so it passes unchanged."""
+    """Subject.source is normalised already (the studies synthesize from it without normalising again), so
+    `synthesize`, which normalises its input, gives a user the same on it."""
     _, _, subjects, _ = results
     s = subjects[-1]
     np.testing.assert_allclose(data.normalise(s.source, s.mask), s.source, rtol=1e-5, atol=1e-7)
