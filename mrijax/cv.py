@@ -229,3 +229,29 @@ def add_to_card(model_dir, report_json) -> Path:
     meta["cv"] = card_entry(report_json)
     card.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return card
+
+
+def compare(reports: dict) -> str:
+    """One Markdown table of SNR per held-out subject across several CV reports ({label: cv.json path}): the
+    baselines once (from the first report that has them), then the CAE of each recipe, and the means."""
+    loaded = {label: json.loads(Path(path).read_text()) for label, path in reports.items()}
+    subjects = list(dict.fromkeys(r["subject"] for stored in loaded.values() for r in stored["rows"]))
+    columns = {}
+    for label, stored in loaded.items():
+        for row in stored["rows"]:
+            name = f"CAE {label}" if row["method"] == "CAE" else row["method"]
+            if name.startswith("CAE") or name not in columns or label == next(iter(loaded)):
+                columns.setdefault(name, {})[row["subject"]] = row["snr"]
+    names = [n for n in columns if not n.startswith("CAE")] + [n for n in columns if n.startswith("CAE")]
+    lines = ["| subject | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for s in subjects:
+        lines.append(f"| {s} | " + " | ".join(f"{columns[n][s]:.2f}" if s in columns[n] else "" for n in names) + " |")
+    means = [np.mean(list(columns[n].values())) if len(columns[n]) == len(subjects) else math.nan for n in names]
+    lines.append("| **mean** | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+    if "LUT" in columns:
+        for n in names:
+            if n.startswith("CAE") and len(columns[n]) == len(subjects):
+                margins = [columns[n][s] - columns["LUT"][s] for s in subjects]
+                lines.append(f"\n{n}: beats the global LUT on {sum(m > 0 for m in margins)}/{len(margins)} subjects, "
+                             f"margin min {min(margins):+.2f} dB, mean {np.mean(margins):+.2f} dB.")
+    return "\n".join(lines) + "\n"

@@ -167,3 +167,19 @@ def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(
     changed = subprocess.run(command + ["--lr", "0.5"],
                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert changed.returncode == 2 and "another recipe" in changed.stderr
+
+
+def test_compare_puts_each_recipes_cae_beside_the_baselines(tmp_path):
+    def report(name, cae):
+        rows = [{"subject": s, "method": m, "snr": v} for s, lut_snr, c in zip(("sub-a", "sub-b"), (5.0, 7.0), cae)
+                for m, v in (("CAE", c), ("LUT", lut_snr))]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": rows}))
+        return path
+
+    table = cv.compare({"old": report("old", (4.0, 8.0)), "new": report("new", (6.0, 7.5))})
+    lines = table.splitlines()
+    assert lines[0] == "| subject | LUT | CAE old | CAE new |"
+    assert lines[2] == "| sub-a | 5.00 | 4.00 | 6.00 |" and lines[4] == "| **mean** | **6.00** | **6.00** | **6.75** |"
+    assert "CAE old: beats the global LUT on 1/2 subjects, margin min -1.00 dB, mean +0.00 dB." in table
+    assert "CAE new: beats the global LUT on 2/2 subjects, margin min +0.50 dB, mean +0.75 dB." in table

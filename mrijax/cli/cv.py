@@ -31,6 +31,8 @@ def parse_args(argv=None):
                    help="continue each fold from the model of the same fold in an earlier CV's --out folder")
     p.add_argument("--card", metavar="MODEL_DIR",
                    help="also record the CV summary in this model's card (its model.json) under \"cv\"")
+    p.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
+                   help="only print one SNR table of earlier CV reports (each DIR holds cv.json), CAE per recipe")
     p.add_argument("--no-progress", action="store_true")
     flags.add_config_flags(p)
     return p.parse_args(argv)
@@ -41,6 +43,13 @@ def main(argv=None) -> int:
     from mrijax import cv, data
     from mrijax.config import PRESETS
 
+    if args.compare:
+        reports = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.compare)
+        missing = [d for d in reports.values() if not (Path(d) / "cv.json").is_file()]
+        if missing:
+            raise ValueError(f"{missing[0]}: no cv.json; pass the --out folder of a finished `mrijax cv` run")
+        print(cv.compare({label: Path(d) / "cv.json" for label, d in reports.items()}))
+        return 0
     config = PRESETS[args.preset].replace(**flags.config_overrides(args))
     subjects = data.load_subjects(args.data or data.ensure_phantom_dataset(), source=config.source,
                                   target=config.target)
