@@ -92,10 +92,8 @@ def train_fold(config: TrainConfig, train, fold_dir: Path, progress: bool = Fals
     model_dir = fold_dir / "model"
     if (model_dir / "model.json").is_file():
         variables, meta = checkpoint.load_model(model_dir)
-        stored = meta.get("config", {})
-        if trainer.run_defining(stored) != trainer.run_defining(config.to_dict()) or \
-                meta.get("train_subjects") != [s.id for s in train]:
-            raise ValueError(f"{model_dir} was trained with another recipe or other subjects; use a new --out")
+        stored = {k: meta[k] for k in ("config", "train_subjects", "val_subjects") if k in meta}
+        trainer.check_resume(stored, trainer.run_identity(config, train, []), model_dir, "--out")
         return variables, float(meta.get("train_seconds", math.nan))
     run_dir = fold_dir / "run"
     t0 = time.perf_counter()

@@ -166,7 +166,7 @@ def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(
     # a changed recipe in the same folder is refused rather than mixed
     changed = subprocess.run(command + ["--lr", "0.5"],
                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert changed.returncode == 2 and "another recipe" in changed.stderr
+    assert changed.returncode == 2 and "another configuration (lr 0.001 -> 0.5)" in changed.stderr
 
 
 def test_compare_puts_each_recipes_cae_beside_the_baselines(tmp_path):
