@@ -154,8 +154,10 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, b
                 worst = (margin, subject, images)
         if worst is not None:
             _, subject, images = worst
-            plotting.plot_comparison({k: v for k, v in images.items() if k != "OWN-LUT"}, subject.mask,
-                                     out / f"worst_{name}_{subject.id}.png", error_of="truth")
+            shown = {k: v for k, v in images.items() if k != "OWN-LUT"}
+            plotting.plot_comparison(shown, subject.mask, out / f"worst_{name}_{subject.id}_slices.png")
+            plotting.plot_comparison({k: v for k, v in shown.items() if k != "source"}, subject.mask,
+                                     out / f"worst_{name}_{subject.id}_errors.png", error_of="truth")
     summary = summarise(rows)
     write(out, rows, summary, folds, config, flip)
     return {"rows": rows, "summary": summary, "folds": folds}

@@ -154,7 +154,8 @@ def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(
     by = {(r["subject"], r["method"]): r for r in rows}
     assert all(by[(s.id, "OWN-LUT")]["mse"] <= by[(s.id, "LUT")]["mse"] + 1e-9 for s in phantom_subjects)
     assert "| **mean** |" in (tmp_path / "cv" / "cv.md").read_text()
-    assert len(list((tmp_path / "cv").glob("worst_*.png"))) == 2
+    assert len(list((tmp_path / "cv").glob("worst_*_slices.png"))) == 2  # slices and error maps per fold
+    assert len(list((tmp_path / "cv").glob("worst_*_errors.png"))) == 2
     card = cv.add_to_card(tmp_path / "cv" / report["folds"][0]["fold"] / "model", tmp_path / "cv" / "cv.json")
     recorded = json.loads(card.read_text())["cv"]
     assert recorded["summary"]["CAE"]["snr"] == report["summary"]["CAE"]["snr"]
