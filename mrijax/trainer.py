@@ -406,7 +406,7 @@ class Trainer:
         return {"source": c.source, "target": c.target, "units": "target / (3 x its brain mean)",
                 "voxel_size_mm": [round(float(z), 3) for z in np.median(zooms, axis=0)],
                 "train_subjects": [s.id for s in self.train_subjects],
-                "val_subjects": [s.id for s in self.val_subjects], "epoch": row["epoch"],
+                "val_subjects": [s.id for s in self.val_subjects], "epoch": row["epoch"], "step": row.get("step"),
                 "val_mse": row["val_mse"], "train_mse": row["train_mse"], "config": c.to_dict()}
 
     def _write_history(self, history) -> None:
