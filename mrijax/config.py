@@ -87,6 +87,6 @@ PRESETS: dict[str, TrainConfig] = {
     # the brain, cut at new random offsets each epoch, left-right mirrored subjects added, cosine decay; and the
     # choices the leave-one-source-out CV made (RESULTS.md): the network anchored on the training subjects' LUT,
     # the loss over brain voxels, random source-contrast augmentation.
-    "ship": TrainConfig(epochs=12, batch_size=2, crop=48, lr=1e-3, jitter=24, flip=True, schedule="cosine",
+    "ship": TrainConfig(epochs=10, batch_size=2, crop=48, lr=1e-3, jitter=24, flip=True, schedule="cosine",
                         loss="brain", anchor="lut", augment=True),
 }
