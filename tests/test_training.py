@@ -135,6 +135,16 @@ def test_a_signal_mid_epoch_saves_that_step_and_resume_finishes_the_same_run(pha
                                                                               tmp_path, monkeypatch):
     """SIGINT after step 3 of 6 (inside epoch 2): the step in flight completes, step 3 is saved, the run raises
     KeyboardInterrupt; resuming skips the epoch's first batch and ends bit for bit where the full run ends."""
+    # A shell's background job (as CI may start the suite) inherits SIGINT ignored, and the trainer respects an
+    # ignored signal: give this test the interactive default, and put the inherited one back afterwards.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_mid_epoch_then_resume(phantom_subjects, uninterrupted, tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _interrupt_mid_epoch_then_resume(phantom_subjects, uninterrupted, tmp_path, monkeypatch):
     p_train, p_eval = training.parallel_steps()
     calls = []
 
