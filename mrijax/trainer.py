@@ -28,16 +28,18 @@ from tqdm import tqdm
 
 from mrijax import checkpoint, data, models, training
 from mrijax.config import TrainConfig
+from mrijax.data.augment import AugmentConfig
 
 
 def split_subjects(subjects, val_subjects, train_subjects: int | None = None):
-    """Validation = the named ids, or the last N subjects (the paper validates on the last patients)."""
+    """Validation = the named ids, or the last N subjects (the paper validates on the last patients); N = 0
+    trains on every subject (a model to ship: the trainer then exports its last state)."""
     ids = [s.id for s in subjects]
     if isinstance(val_subjects, int):
-        if not 0 < val_subjects < len(subjects):
-            raise ValueError(f"--val-subjects {val_subjects}: need between 1 and {len(subjects) - 1} of the "
+        if not 0 <= val_subjects < len(subjects):
+            raise ValueError(f"--val-subjects {val_subjects}: need between 0 and {len(subjects) - 1} of the "
                              f"{len(subjects)} subjects found")
-        val_ids = ids[-val_subjects:]
+        val_ids = ids[len(ids) - val_subjects:]
     else:
         missing = [v for v in val_subjects if v not in ids]
         if missing:
@@ -164,13 +166,12 @@ def check_resume(stored: dict, current: dict, folder, new_folder_flag: str = "--
                          f"{new_folder_flag}")
 
 
-def training_lut(subjects) -> dict:
-    """The global look-up table of the training subjects, as an anchored model's "lut" collection."""
+def training_lut(subjects):
+    """The global look-up table of the training subjects, the one an anchored model carries."""
     from mrijax.baselines import lut
 
-    table = lut.fit_lut([s.source for s in subjects], [s.target for s in subjects], [s.mask for s in subjects],
-                        bins=models.LUT_BINS)
-    return {"centres": jnp.asarray(table.bin_centres), "values": jnp.asarray(table.values)}
+    return lut.fit_lut([s.source for s in subjects], [s.target for s in subjects], [s.mask for s in subjects],
+                       bins=models.LUT_BINS)
 
 
 class Trainer:
@@ -194,11 +195,7 @@ class Trainer:
         self.local_batch = config.batch_size // n_proc
         self.out_shape = (config.crop,) * 3
         self.in_shape = models.input_shape(self.variant, config.crop)
-        self.augment = None
-        if config.augment:
-            from mrijax.data.augment import AugmentConfig
-
-            self.augment = AugmentConfig()
+        self.augment = AugmentConfig() if config.augment else None
         # Training reads mirrored copies too when augmenting; `train_subjects` stays the real ones (metadata).
         self.fit_subjects = list(train_subjects) + ([data.mirrored(s) for s in train_subjects] if config.flip else [])
         self.train_records = data.patch_records(self.fit_subjects, config.step)
@@ -221,7 +218,9 @@ class Trainer:
         if c.init_from:
             return self._warm_start(state)
         if self.variant.anchor:
-            return state.replace(constants={"lut": training_lut(self.train_subjects)})
+            table = training_lut(self.train_subjects)
+            anchored = models.set_lut(state.variables, table.bin_centres, table.values)
+            return state.replace(constants={"lut": anchored["lut"]})
         return state
 
     def _warm_start(self, state):
@@ -341,21 +340,18 @@ class Trainer:
     def _epoch_steps(self, p_train, rstate, epoch: int, skip: int):
         """One epoch's training steps, from batch `skip` on (a resumed epoch): yields (state, loss) after each.
 
-        The batches skipped are still drawn, so the rest are those of the uninterrupted run (the order and
-        augmentation are pure functions of (seed, epoch)). The caller holds the latest state at every yield,
-        which is what an interruption saves."""
+        The epoch's batches are an indexable dataset whose order and augmentation are pure functions of
+        (seed, epoch, index), so starting at index `skip` gives the uninterrupted run's remaining batches
+        without cutting the skipped ones. The caller holds the latest state at every yield, which is what an
+        interruption saves."""
         c = self.config
         records = data.jitter_records(self.train_records, c.jitter, data.epoch_seed(c.seed + 1, epoch))
-        batches = iter(self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True,
-                                     augment=self.augment))
+        batches = self._batches(self.fit_subjects, records, epoch, True, self.local_batch, True, augment=self.augment)
         t0, done, previous = time.perf_counter(), 0, None
         with tqdm(total=self.steps_per_epoch, initial=skip, disable=not self.progress,
                   desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", leave=False) as bar:
-            for b in range(self.steps_per_epoch):
-                batch = next(batches)
-                if b < skip:
-                    continue
-                rstate, m = p_train(rstate, training.shard_batch(batch))
+            for b in range(skip, self.steps_per_epoch):
+                rstate, m = p_train(rstate, training.shard_batch(batches[b]))
                 yield rstate, m["loss"]
                 if previous is not None:
                     # At most two steps in flight: dispatch is asynchronous, and without this the loop could run
@@ -378,8 +374,9 @@ class Trainer:
         history = [*history, row]
         host_state = _local_replica(rstate)
         checkpoint.save_state(manager, host_state, self._checkpoint_meta(epoch))
-        if val_mse < best:  # every process: orbax synchronises them while saving
-            best = val_mse
+        # Without validation subjects every epoch's state is exported: the model is the last state.
+        if val_mse < best or not self.val_subjects:  # every process: orbax synchronises them while saving
+            best = min(best, val_mse)
             checkpoint.export_model(self.workdir / "best", host_state.variables, self.model_meta(row))
         if jax.process_index() == 0:
             self._write_history(history)

@@ -30,7 +30,7 @@ def phantom_subjects(tmp_path_factory):
 
 def _fitted_table(subjects):
     table = training_lut(subjects)
-    return np.asarray(table["centres"]), np.asarray(table["values"])
+    return table.bin_centres, table.values
 
 
 def test_an_untrained_anchored_network_is_the_look_up_table(phantom_subjects):
@@ -83,7 +83,7 @@ def test_augmentation_is_a_pure_function_of_seed_and_epoch_and_leaves_the_target
         assert not np.array_equal(a["source"], p["source"])  # the source did change
         np.testing.assert_array_equal(a["source"] == 0, p["source"] == 0)  # background stays background
     assert not all(np.array_equal(a["source"], b["source"]) for a, b in zip(first, other_seed))
-    # another epoch draws other blocks and other changes: the same block never gets the same source twice
+    # another epoch: other blocks with other changes, the target still untouched
     plain_1 = _epoch(subjects, 1, None)
     for a, p in zip(other_epoch, plain_1):
         np.testing.assert_array_equal(a["target"], p["target"])
@@ -184,3 +184,14 @@ def test_compare_puts_each_recipes_cae_beside_the_baselines(tmp_path):
     assert lines[2] == "| sub-a | 5.00 | 4.00 | 6.00 |" and lines[4] == "| **mean** | **6.00** | **6.00** | **6.75** |"
     assert "CAE old: beats the global LUT on 1/2 subjects, margin min -1.00 dB, mean +0.00 dB." in table
     assert "CAE new: beats the global LUT on 2/2 subjects, margin min +0.50 dB, mean +0.75 dB." in table
+
+
+def test_no_validation_subjects_trains_on_all_and_exports_the_last_state(phantom_subjects, tmp_path):
+    train, val = split_subjects(phantom_subjects, 0)
+    assert [s.id for s in train] == [s.id for s in phantom_subjects] and val == []
+    config = PRESETS["smoke"].replace(variant="narrow", epochs=2, max_steps_per_epoch=1)
+    result = Trainer(config, train, val, tmp_path, progress=False, log=lambda *a: None).fit()
+    variables, meta = checkpoint.load_model(tmp_path)  # <workdir>/best: written every epoch, so the last one
+    assert meta["epoch"] == 1 and meta["val_subjects"] == []
+    for a, b in zip(jax.tree_util.tree_leaves(result["variables"]), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(a, b)

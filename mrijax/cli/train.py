@@ -42,10 +42,7 @@ def main(argv=None):
 
     root = args.data or data.ensure_phantom_dataset()
     subjects = data.load_subjects(root, source=config.source, target=config.target)
-    if args.val_subjects == 0:  # train on every subject (a model to ship): the last state is the model
-        train_subjects, val_subjects = subjects[:args.train_subjects], []
-    else:
-        train_subjects, val_subjects = trainer.split_subjects(subjects, args.val_subjects, args.train_subjects)
+    train_subjects, val_subjects = trainer.split_subjects(subjects, args.val_subjects, args.train_subjects)
     workdir = Path(args.workdir or cli.output_root() / "ckpt" / "runs" / f"{config.variant}-{args.preset}")
     if workdir.resolve().parent == checkpoint.REPO_CKPT_DIR.resolve() and (workdir / "model.json").exists():
         raise ValueError(f"--workdir {workdir} is a shipped model; choose another folder")
@@ -60,6 +57,4 @@ def main(argv=None):
         print(f"{method.name} validation MSE over the same blocks: {run.baseline_mse:.5f}")
     result = run.fit(resume=args.resume)
     last = result["history"][-1] if result["history"] else {}
-    if not val_subjects and last:
-        checkpoint.export_model(workdir / "best", result["variables"], run.model_meta(last))
     print(json.dumps({"workdir": str(workdir), "best_val_mse": result["best_val_mse"], **last}))

@@ -14,6 +14,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from mrijax.data.augment import augment_source
 from mrijax.data.io import DataError
 
 
@@ -114,8 +115,6 @@ class _AugmentSource:
         self.config = config
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        from mrijax.data.augment import augment_source
-
         return {**sample, "source": augment_source(sample["source"], rng, self.config)}
 
 
@@ -125,7 +124,8 @@ def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[in
     """One epoch of batches {"source": (B, *in_shape, 1), "target", "mask": (B, *out_shape, 1)} float32.
 
     A `grain.MapDataset`: records -> shuffle (seed from (seed, epoch)) -> this process's shard -> cut patches
-    -> augment the source (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch. Shards are strided slices of the same shuffled order, so they are disjoint; with
+    -> augment the source (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch. Shards are
+    strided slices of the same shuffled order, so they are disjoint; with
     `drop_remainder` the order is first truncated to a multiple of `shard_count` so every shard yields the
     same number of batches (`num_batches`). `num_threads > 0` returns a prefetching `IterDataset` instead.
     """
