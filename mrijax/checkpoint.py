@@ -64,7 +64,7 @@ def export_model(directory: str | os.PathLike, variables: dict, meta: dict) -> P
     """
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    variables = jax.device_get({k: variables[k] for k in ("params", "batch_stats", "lut") if k in variables})
+    variables = jax.device_get(models.model_variables(variables))
     config = models.recognise_config(variables)
     meta = {"variant": config.name, "anchor": "lut" if config.anchor else "none", **meta}
     with ocp.StandardCheckpointer() as ckptr:

@@ -104,16 +104,17 @@ def synthesize(variables, volume, mask=None, *, tile: int | None = DEFAULT_TILE,
 def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
                           compute_dtype=jnp.float32, flip: bool = False) -> np.ndarray:
     """The network over a whole volume already normalised (`mrijax.data.normalise`) and masked; see `synthesize`."""
-    kwargs = dict(tile=tile, impl=impl, compute_dtype=compute_dtype)
+    # Recognised and placed on the device once, for both passes of `flip`.
+    kwargs = dict(variant=models.recognise_config(variables), tile=tile, impl=impl, compute_dtype=compute_dtype)
+    variables = jax.device_put(models.model_variables(variables))
     prediction = _network_pass(variables, source, mask, **kwargs)
     if flip:
         prediction = 0.5 * (prediction + _network_pass(variables, source[::-1], mask[::-1], **kwargs)[::-1])
     return prediction
 
 
-def _network_pass(variables, source, mask, *, tile, impl, compute_dtype) -> np.ndarray:
+def _network_pass(variables, source, mask, *, variant, tile, impl, compute_dtype) -> np.ndarray:
     source, mask = np.ascontiguousarray(source, np.float32), np.ascontiguousarray(mask, bool)
-    variant = models.recognise_config(variables)
     shape = source.shape
     m = models.margin(variant)
     out_shape, tile_shape, origins = tile_plan(shape, mask, variant, tile)
@@ -122,7 +123,6 @@ def _network_pass(variables, source, mask, *, tile, impl, compute_dtype) -> np.n
     # Bucket the tile count to a power of two (repeating a tile is harmless) so compiled shapes are reused.
     bucket = 1 << max(0, math.ceil(math.log2(max(len(origins), 1))))
     origins = np.concatenate([origins, np.repeat(origins[:1], bucket - len(origins), axis=0)])
-    variables = {k: variables[k] for k in ("params", "batch_stats", "lut") if k in variables}
     out = _synthesize_padded(
         variables, jnp.asarray(padded), jnp.asarray(origins), variant=variant, out_shape=out_shape,
         tile_shape=tile_shape, impl=impl or ops.DEFAULT_IMPL, compute_dtype=compute_dtype,

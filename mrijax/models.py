@@ -333,10 +333,18 @@ def build_model(variant: str | CAEConfig = "base", **kwargs) -> CAE:
     return CAE(get_config(variant), **kwargs)
 
 
+COLLECTIONS = ("params", "batch_stats", "lut")  # what a model's variables hold ("lut": anchored models only)
+
+
+def model_variables(variables) -> dict:
+    """The collections of `variables` that define a model (drops e.g. optimizer state or intermediates)."""
+    return {k: variables[k] for k in COLLECTIONS if k in variables}
+
+
 def init_variables(variant: str | CAEConfig = "base", seed: int = 0) -> dict:
     """Fresh {"params", "batch_stats"} (+ "lut" when anchored) for a variant, He-normal kernels, zero biases."""
     variables = _jitted_init(get_config(variant))(jax.random.PRNGKey(seed))
-    return {k: variables[k] for k in ("params", "batch_stats", "lut") if k in variables}
+    return model_variables(variables)
 
 
 def set_lut(variables: dict, centres, values) -> dict:
