@@ -65,12 +65,13 @@ def _cache_key(*parts) -> str:
 
 
 def baseline_prediction(name: str, train, subject, cache_dir: Path | None) -> tuple[np.ndarray, float]:
-    """(prediction, seconds) of one baseline for one test subject; cached on disk by (method, data) when asked."""
+    """(prediction, seconds) of one baseline for one test subject. MIMECS (minutes per volume, and independent of
+    the recipe) is cached on disk by (method, data) when asked; a LUT is refitted (a fraction of a second)."""
     from mrijax import methods
 
     fit_on = [subject] if name == "own-lut" else train
     path = None
-    if cache_dir is not None:
+    if cache_dir is not None and name == "mimecs":
         key = _cache_key(name, subject.id, str(subject.paths), [(s.id, str(s.paths)) for s in fit_on])
         path = Path(cache_dir) / f"{subject.id}_{name}_{key}.npz"
         if path.is_file():
@@ -95,15 +96,13 @@ def train_fold(config: TrainConfig, train, fold_dir: Path, progress: bool = Fals
         stored = {k: meta[k] for k in ("config", "train_subjects", "val_subjects") if k in meta}
         trainer.check_resume(stored, trainer.run_identity(config, train, []), model_dir, "--out")
         return variables, float(meta.get("train_seconds", math.nan))
-    run_dir = fold_dir / "run"
     t0 = time.perf_counter()
-    run = trainer.Trainer(config, train, [], run_dir, progress=progress, log=log)
-    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    result = run.fit(resume=resume)
+    run = trainer.Trainer(config, train, [], fold_dir / "run", progress=progress, log=log)
+    result = run.fit(resume=True)  # a stopped fold continues; an empty folder starts
     seconds = time.perf_counter() - t0
     meta = run.model_meta(result["history"][-1] if result["history"] else {"epoch": -1})
     checkpoint.export_model(model_dir, result["variables"], {**meta, "train_seconds": seconds})
-    return checkpoint.load_model(model_dir)[0], seconds
+    return result["variables"], seconds
 
 
 def _scores(prediction, subject) -> dict:
@@ -182,16 +181,16 @@ def summarise(rows) -> dict:
 def _markdown(rows, summary, folds, config, flip) -> str:
     methods = list(summary)
     subjects = list(dict.fromkeys(r["subject"] for r in rows))
-    snr = {(r["subject"], r["method"]): r for r in rows}
+    row_of = {(r["subject"], r["method"]): r for r in rows}
     lines = [f"Leave-one-source-out CV, recipe: {json.dumps(config.to_dict())}; test-time flip: {flip}.",
              "SNR (dB) on brain voxels per held-out subject (MAE / MSE / SSIM in report.csv); SSIM: the paper's "
              "(data range 1, 7^3 window, brain bounding box).", "",
              "| fold | subject | " + " | ".join(methods) + " | CAE - LUT |",
              "|---|---|" + "---|" * (len(methods) + 1)]
     for s in subjects:
-        fold = snr[(s, "CAE")]["fold"]
-        cells = [f"{snr[(s, m)]['snr']:.2f}" if (s, m) in snr else "" for m in methods]
-        delta = snr[(s, "CAE")]["snr"] - snr[(s, "LUT")]["snr"] if (s, "LUT") in snr else math.nan
+        fold = row_of[(s, "CAE")]["fold"]
+        cells = [f"{row_of[(s, m)]['snr']:.2f}" if (s, m) in row_of else "" for m in methods]
+        delta = row_of[(s, "CAE")]["snr"] - row_of[(s, "LUT")]["snr"] if (s, "LUT") in row_of else math.nan
         lines.append(f"| {fold} | {s} | " + " | ".join(cells) + f" | {delta:+.2f} |")
     lines.append("| **mean** | | " + " | ".join(f"**{summary[m]['snr']:.2f}**" for m in methods) + " | |")
     lines += ["", "| method | MAE | MSE | SNR | SSIM | seconds per volume | CAE SNR margin: min / mean | CAE wins |",
@@ -236,12 +235,11 @@ def compare(reports: dict) -> str:
     baselines once (from the first report that has them), then the CAE of each recipe, and the means."""
     loaded = {label: json.loads(Path(path).read_text()) for label, path in reports.items()}
     subjects = list(dict.fromkeys(r["subject"] for stored in loaded.values() for r in stored["rows"]))
-    columns = {}
+    columns = {}  # column name -> {subject: SNR}; a baseline's value comes from the first report holding it
     for label, stored in loaded.items():
         for row in stored["rows"]:
             name = f"CAE {label}" if row["method"] == "CAE" else row["method"]
-            if name.startswith("CAE") or name not in columns or label == next(iter(loaded)):
-                columns.setdefault(name, {})[row["subject"]] = row["snr"]
+            columns.setdefault(name, {}).setdefault(row["subject"], row["snr"])
     names = [n for n in columns if not n.startswith("CAE")] + [n for n in columns if n.startswith("CAE")]
     lines = ["| subject | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for s in subjects:
