@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mrijax import models
+from mrijax.data.subjects import source_names
 
 # The shipped models: the repository's top-level ckpt/, which the wheel carries as mrijax/ckpt (pyproject.toml).
 _PACKAGED = Path(__file__).resolve().parent / "ckpt"
@@ -103,7 +103,8 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> tuple[dict, dic
     """(variables, meta) of an exported or shipped model, ready for `mrijax.synthesize`."""
     directory = resolve_model_dir(name_or_path)
     meta = json.loads((directory / "model.json").read_text())
-    config = dataclasses.replace(models.get_config(meta["variant"]), anchor=meta.get("anchor", "none") == "lut")
+    config = models.configure(meta["variant"], anchor=meta.get("anchor", "none") == "lut",
+                              in_channels=len(source_names(meta.get("source", "T1w"))))
     abstract = jax.eval_shape(lambda: models.init_variables(config))
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(directory / "variables", abstract)

@@ -27,7 +27,8 @@ def _field(default, help: str, **extra):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     variant: str = _field("base", "network variant", choices=VARIANTS)
-    source: str = _field("T1w", "source contrast (input), a modality name of the data")
+    source: str = _field("T1w", "source contrast (input), a modality name of the data; several, comma-separated "
+                         "(T1w,FLAIR), are fed side by side as input channels")
     target: str = _field("T2w", "target contrast (output), a modality name of the data")
     epochs: int = _field(60, "training epochs")
     batch_size: int = _field(32, "global batch: samples (blocks) per step (paper: 32)")

@@ -72,7 +72,8 @@ def baseline_prediction(name: str, train, subject, cache_dir: Path | None) -> tu
     fit_on = [subject] if name == "own-lut" else train
     path = None
     if cache_dir is not None and name == "mimecs":
-        key = _cache_key(name, subject.id, str(subject.paths), [(s.id, str(s.paths)) for s in fit_on])
+        files = lambda s: str({k: s.paths[k] for k in ("source", "target", "mask")})  # what MIMECS reads
+        key = _cache_key(name, subject.id, files(subject), [(s.id, files(s)) for s in fit_on])
         path = Path(cache_dir) / f"{subject.id}_{name}_{key}.npz"
         if path.is_file():
             with np.load(path) as cached:
@@ -134,7 +135,7 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, b
         worst = None
         for subject in test:
             t0 = time.perf_counter()
-            prediction = inference.synthesize_normalised(variables, subject.source, subject.mask, flip=flip,
+            prediction = inference.synthesize_normalised(variables, subject.inputs, subject.mask, flip=flip,
                                                          compute_dtype=compute_dtype)
             images = {"source": subject.source, "truth": subject.target, "CAE": prediction}
             fold_rows = [{"fold": name, "subject": subject.id, "method": "CAE", **_scores(prediction, subject),

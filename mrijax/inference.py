@@ -60,27 +60,25 @@ def _synthesize_padded(variables, padded, origins, *, variant, out_shape, tile_s
 
     def body(i, out):
         origin = origins[i]
-        block = lax.dynamic_slice(padded, origin, tile_in)
-        y = model.apply(variables, block[None, ..., None], train=False)[0, ..., 0]
+        block = lax.dynamic_slice(padded, (*origin, 0), (*tile_in, padded.shape[-1]))
+        y = model.apply(variables, block[None], train=False)[0, ..., 0]
         return lax.dynamic_update_slice(out, y, origin)
 
     return lax.fori_loop(0, origins.shape[0], body, jnp.zeros(out_shape, jnp.float32))
 
 
-def _validate(volume, mask):
+def _validate(volume, shape=None, name="volume"):
     volume = np.asarray(volume)
     if volume.ndim != 3:
-        raise ValueError(f"volume must be 3D, got shape {volume.shape}; pass one 3D image (split 4D series first)")
+        raise ValueError(f"{name} must be 3D, got shape {volume.shape}; pass one 3D image (split 4D series first)")
     if not np.issubdtype(volume.dtype, np.number) or np.iscomplexobj(volume):
-        raise ValueError(f"volume must be a real numeric array, got dtype {volume.dtype}")
+        raise ValueError(f"{name} must be a real numeric array, got dtype {volume.dtype}")
     if not np.all(np.isfinite(volume)):
-        raise ValueError("volume contains NaN or Inf values; clean or mask them before synthesis")
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != volume.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from volume shape {volume.shape}; "
-                             "pass a mask on the same grid")
-    return volume.astype(np.float32), mask
+        raise ValueError(f"{name} contains NaN or Inf values; clean or mask them before synthesis")
+    if shape is not None and volume.shape != shape:
+        raise ValueError(f"{name} shape {volume.shape} differs from the first source's {shape}; pass images on the "
+                         "same grid")
+    return volume.astype(np.float32)
 
 
 def synthesize(variables, volume, mask=None, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
@@ -89,23 +87,40 @@ def synthesize(variables, volume, mask=None, *, tile: int | None = DEFAULT_TILE,
 
     variables: the variables dict {"params", "batch_stats"} (+ "lut" for an anchored model) of a trained model (the
         architecture is recognised from its layer names and shapes).
-    volume: raw 3D source array in any intensity scale. mask: brain mask (else the positive voxels).
+    volume: raw 3D source array in any intensity scale; for a model with several source contrasts (e.g. trained
+        with --source T1w,FLAIR), a list of them in the model's order. mask: brain mask (else the positive voxels
+        of the first source).
     Returns an array of the volume's shape, in normalised target units (target / (3 x its brain mean)),
     zero outside the mask. `tile` bounds memory (None or 0: one pass); `compute_dtype=jnp.bfloat16` is faster.
     `flip`: test-time augmentation, the mean of the predictions for the volume and for its mirror image along
     axis 0 (left-right for canonical RAS arrays), mirrored back: twice the time.
     """
-    volume, mask = _validate(volume, mask)
-    mask = brain_mask(volume, mask=mask)
-    source = normalise(volume, mask)
+    volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+    if not volumes:
+        raise ValueError("no source volume given")
+    first = _validate(volumes[0])
+    volumes = [first] + [_validate(v, first.shape, f"source {i + 1}") for i, v in enumerate(volumes[1:], 1)]
+    if mask is not None and np.shape(mask) != first.shape:
+        raise ValueError(f"mask shape {np.shape(mask)} differs from volume shape {first.shape}; pass a mask on the "
+                         "same grid")
+    mask = brain_mask(first, mask=mask)
+    sources = [normalise(v, mask) for v in volumes]
+    source = sources[0] if len(sources) == 1 else np.stack(sources, axis=-1)
     return synthesize_normalised(variables, source, mask, tile=tile, impl=impl, compute_dtype=compute_dtype, flip=flip)
 
 
 def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,
                           compute_dtype=jnp.float32, flip: bool = False) -> np.ndarray:
-    """The network over a whole volume already normalised (`mrijax.data.normalise`) and masked; see `synthesize`."""
+    """The network over a whole volume already normalised (`mrijax.data.normalise`) and masked, (D, H, W) or, with
+    several source contrasts, (D, H, W, C) channels-last (`Subject.inputs`); see `synthesize`."""
     # Recognised and placed on the device once, for both passes of `flip`.
-    kwargs = dict(variant=models.recognise_config(variables), tile=tile, impl=impl, compute_dtype=compute_dtype)
+    config = models.recognise_config(variables)
+    source = np.asarray(source)
+    channels = source.shape[3] if source.ndim == 4 else 1
+    if channels != config.in_channels:
+        raise ValueError(f"the model takes {config.in_channels} source contrast(s), got {channels}; pass one volume "
+                         "per source contrast, in the order of the model card's \"source\"")
+    kwargs = dict(variant=config, tile=tile, impl=impl, compute_dtype=compute_dtype)
     variables = jax.device_put(models.model_variables(variables))
     prediction = _network_pass(variables, source, mask, **kwargs)
     if flip:
@@ -115,10 +130,12 @@ def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT
 
 def _network_pass(variables, source, mask, *, variant, tile, impl, compute_dtype) -> np.ndarray:
     source, mask = np.ascontiguousarray(source, np.float32), np.ascontiguousarray(mask, bool)
-    shape = source.shape
+    if source.ndim == 3:
+        source = source[..., None]
+    shape = source.shape[:3]
     m = models.margin(variant)
     out_shape, tile_shape, origins = tile_plan(shape, mask, variant, tile)
-    padded = np.zeros(tuple(s + 2 * m for s in out_shape), np.float32)
+    padded = np.zeros((*(s + 2 * m for s in out_shape), source.shape[3]), np.float32)
     padded[m:m + shape[0], m:m + shape[1], m:m + shape[2]] = source
     # Bucket the tile count to a power of two (repeating a tile is harmless) so compiled shapes are reused.
     bucket = 1 << max(0, math.ceil(math.log2(max(len(origins), 1))))

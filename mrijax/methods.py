@@ -1,7 +1,8 @@
 """Synthesis methods behind one interface, so the CLIs and reports treat the CAE and baselines alike.
 
 A method maps a normalised source volume and its brain mask (canonical arrays) to a prediction in
-normalised target units, zero outside the mask. Also: file-level synthesis (`synthesize_file`).
+normalised target units, zero outside the mask. The source is `Subject.inputs`: (D, H, W), or (D, H, W, C) with
+several source contrasts, of which the baselines read the first. Also: file-level synthesis (`synthesize_file`).
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class BaselineMethod:
         self._model = self.fit([x.source for x in s], [x.target for x in s], [x.mask for x in s])
 
     def predict(self, source, mask):
-        return self.apply(self._model, source, mask)
+        source = np.asarray(source)
+        return self.apply(self._model, source[..., 0] if source.ndim == 4 else source, mask)
 
 
 def lut_method(train_subjects) -> BaselineMethod:
@@ -86,16 +88,19 @@ def timed_predict(method, source, mask):
     return np.asarray(pred, np.float32), time.perf_counter() - t0
 
 
-def synthesize_file(method, input_path, output_path, mask_path=None, target: str = "T2w") -> dict:
-    """Synthesize one NIfTI file; the result overlays the input (same grid, orientation, affine, codes)."""
-    volume = data.load_volume(input_path)
-    mask_volume = None
-    if mask_path is not None:
-        mask_volume = data.load_volume(mask_path)
-        data.check_same_grid(volume, mask_volume)
+def synthesize_file(method, input_paths, output_path, mask_path=None, target: str = "T2w") -> dict:
+    """Synthesize from one NIfTI file, or from one per source contrast (a list, the model's order); the result
+    overlays the first (same grid, orientation, affine, codes)."""
+    paths = list(input_paths) if isinstance(input_paths, (list, tuple)) else [input_paths]
+    volume, *extra = [data.load_volume(path) for path in paths]
+    mask_volume = data.load_volume(mask_path) if mask_path is not None else None
+    for other in (*extra, mask_volume):
+        if other is not None:
+            data.check_same_grid(volume, other)
     mask = data.brain_mask(volume, mask=mask_volume)
-    source = data.normalise(volume, mask)
-    pred, seconds = timed_predict(method, source, mask)
+    sources = [data.normalise(v, mask) for v in (volume, *extra)]
+    pred, seconds = timed_predict(method, sources[0] if not extra else np.stack(sources, axis=-1), mask)
     description = f"mrijax synth {target} ({method.name}); units: {target}/(3*brain mean)"
     out = data.save_like(pred, volume, output_path, description=description)
-    return {"input": str(input_path), "output": str(out), "seconds": seconds, "brain_voxels": int(mask.sum())}
+    return {"input": ", ".join(str(p) for p in paths), "output": str(out), "seconds": seconds,
+            "brain_voxels": int(mask.sum())}

@@ -37,6 +37,7 @@ class CAEConfig:
     residual: bool = False  # concatenate the last full-resolution encoder output into the first decoder conv
     dropout: float = 0.0  # dropout rate before every hidden conv (regularisation study); 0 = paper
     anchor: bool = False  # LUT-anchored: input [source, LUT(source)], output = LUT(source) + a learned correction
+    in_channels: int = 1  # source contrasts fed side by side (e.g. T1w and FLAIR); an anchored model maps the first
 
     @property
     def n_convs(self) -> int:
@@ -79,6 +80,13 @@ def get_config(variant: str | CAEConfig) -> CAEConfig:
         return VARIANT_CONFIGS[variant]
     except KeyError:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+def configure(variant: str | CAEConfig, *, anchor: bool = False, in_channels: int = 1, dropout: float = 0.0) -> CAEConfig:
+    """A registered variant with a run's options: LUT anchoring, number of source contrasts, dropout."""
+    if in_channels < 1:
+        raise ValueError(f"a model needs at least one source contrast, got in_channels={in_channels}")
+    return dataclasses.replace(get_config(variant), anchor=anchor, in_channels=in_channels, dropout=dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,13 +257,13 @@ def center_crop(x, shape, spatial=(1, 2, 3)):
 
 
 class CAE(nn.Module):
-    """Any `CAEConfig`: input (B, D, H, W, 1) in normalised units, output (B, D', H', W', 1) in [0, 1].
+    """Any `CAEConfig`: input (B, D, H, W, in_channels) in normalised units, output (B, D', H', W', 1) in [0, 1].
 
     An anchored config (`anchor=True`) reads a look-up table from the variable collection "lut" (fitted on
     the training subjects, never trained), feeds [source, LUT(source)] to the network and returns
     LUT(source) + the last convolution's output (no sigmoid; zero-initialised, so training starts from
     the LUT): the network only learns what spatial context adds to an intensity mapping, which is what
-    transfers to scanners it never saw.
+    transfers to scanners it never saw. With several source contrasts the table maps the first.
 
     `impl` picks the convolution arithmetic ("xla": lax.conv reference; see `mrijax.ops` for fast ones);
     `bn_axis_name` synchronises BatchNorm statistics across pmapped devices.
@@ -275,10 +283,13 @@ class CAE(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         cfg = self.config
+        if x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"the model takes {cfg.in_channels} source contrast(s) as input channels, got "
+                             f"{x.shape[-1]}")
         anchor = None
         if cfg.anchor:
             table = {k: self.variable("lut", k, lambda v=v: v).value for k, v in identity_lut().items()}
-            anchor = apply_lut(x, table["centres"], table["values"])
+            anchor = apply_lut(x[..., :1], table["centres"], table["values"])
             x = jnp.concatenate([x, anchor], axis=-1)
         # Channel-major activations (C, B, D, H, W) when every convolution is "cm" (see ops.channel_major):
         # one transpose in, one out, instead of two per layer. Parameters are the same in both layouts.
@@ -361,7 +372,7 @@ def set_lut(variables: dict, centres, values) -> dict:
 def _jitted_init(config: CAEConfig):
     """One compiled init per architecture (eager init compiles a small program per parameter shape)."""
     shape = input_shape(config)
-    return jax.jit(lambda key: build_model(config).init(key, jnp.zeros((1, *shape, 1), jnp.float32)))
+    return jax.jit(lambda key: build_model(config).init(key, jnp.zeros((1, *shape, config.in_channels), jnp.float32)))
 
 
 def count_params(params) -> int:
@@ -379,12 +390,14 @@ _SIGNATURES: dict[CAEConfig, dict] = {}
 
 def recognise_config(variables) -> CAEConfig:
     """The registered variant's config a variables dict belongs to, from its layer names and shapes (anchored
-    when it carries a "lut" collection)."""
+    when it carries a "lut" collection; its source contrasts from the first kernel's input channels)."""
     if not isinstance(variables, dict) and not hasattr(variables, "keys") or "params" not in variables:
         raise ValueError("expected a variables dict with 'params' and 'batch_stats' (see mrijax.init_variables)")
     signature, anchor = _signature(variables), "lut" in variables
+    first_kernel = signature.get("['conv1_full']['kernel']")
+    in_channels = first_kernel[3] - anchor if first_kernel else 1
     for name in VARIANTS:
-        config = dataclasses.replace(VARIANT_CONFIGS[name], anchor=anchor)
+        config = configure(name, anchor=anchor, in_channels=max(in_channels, 1))
         if config not in _SIGNATURES:
             _SIGNATURES[config] = _signature(jax.eval_shape(lambda c=config: init_variables(c)))
         if _SIGNATURES[config] == signature:

@@ -151,7 +151,7 @@ def _seconds_per_epoch(history) -> float:
 def synthesis_metrics(variables, subjects, impl: str | None = None) -> dict[str, dict[str, float]]:
     """Whole-volume synthesis + `metrics.evaluate` per subject (Subject.source is normalised already, so it goes
     to the network as it is)."""
-    return {s.id: metrics.evaluate(synthesize_normalised(variables, s.source, s.mask, impl=impl), s.target, s.mask)
+    return {s.id: metrics.evaluate(synthesize_normalised(variables, s.inputs, s.mask, impl=impl), s.target, s.mask)
             for s in subjects}
 
 

@@ -12,7 +12,6 @@ every epoch to its local devices and pmap spans all devices. Only process 0 writ
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -186,8 +185,8 @@ class Trainer:
         self.baseline_mse, self.baseline_label = baseline_mse, baseline_label
         self.progress = progress and jax.process_index() == 0
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
-        self.variant = dataclasses.replace(models.get_config(config.variant), dropout=config.dropout,
-                                           anchor=config.anchor == "lut")
+        self.variant = models.configure(config.variant, anchor=config.anchor == "lut", dropout=config.dropout,
+                                        in_channels=len(data.source_names(config.source)))
         n_proc, n_local = jax.process_count(), jax.local_device_count()
         if config.batch_size % (n_proc * n_local):
             raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the "
@@ -234,6 +233,10 @@ class Trainer:
         if ("lut" in variables) != self.variant.anchor:
             kind = "an anchored (anchor=lut)" if "lut" in variables else "a plain (anchor=none)"
             raise ValueError(f"--init-from {self.config.init_from} holds {kind} model; train with the same --anchor")
+        sources = data.source_names(meta.get("source", "T1w"))
+        if len(sources) != self.variant.in_channels:
+            raise ValueError(f"--init-from {self.config.init_from} takes {len(sources)} source contrast(s) "
+                             f"({', '.join(sources)}); train with --source naming as many")
         if (meta.get("source"), meta.get("target")) != (self.config.source, self.config.target):
             self.log(f"warm start from a {meta.get('source')}->{meta.get('target')} model for "
                      f"{self.config.source}->{self.config.target}")
@@ -260,7 +263,7 @@ class Trainer:
         it = iter(self._batches(self.val_subjects, self.val_records, 0, False, self.local_batch, False))
         for _ in range(n_batches):
             batch = next(it, None)
-            padded = {"source": np.zeros((self.local_batch, *self.in_shape, 1), np.float32),
+            padded = {"source": np.zeros((self.local_batch, *self.in_shape, self.variant.in_channels), np.float32),
                       "target": np.zeros((self.local_batch, *self.out_shape, 1), np.float32),
                       "mask": np.zeros((self.local_batch, *self.out_shape, 1), np.float32),
                       "weight": np.zeros((self.local_batch,), np.float32)}

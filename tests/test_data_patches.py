@@ -20,10 +20,10 @@ def ellipsoid_mask(shape, seed=0):
 
 
 def fake_subject(index, shape, seed):
-    """Only what patches need: id, mask, and source/target whose voxel values encode (subject, position)."""
+    """Only what patches need: id, mask, and source/target whose voxel values encode (subject, position); one source."""
     voxel_ids = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1
     return SimpleNamespace(id=f"sub-{index}", mask=ellipsoid_mask(shape, seed),
-                           source=voxel_ids + 1e6 * index, target=-(voxel_ids + 1e6 * index))
+                           source=voxel_ids + 1e6 * index, target=-(voxel_ids + 1e6 * index), extra_sources=())
 
 
 @pytest.fixture(scope="module")

@@ -56,10 +56,16 @@ def main(argv=None) -> int:
 
     from mrijax import checkpoint, data, methods, metrics, plotting, report
 
-    source, target = flags.config_value(args, "source"), flags.config_value(args, "target")
     out = Path(args.out or cli.output_root() / "results" / "eval")
     model_specs = args.models if args.models is not None else checkpoint.shipped_models()
     cae = [methods.CAEMethod(spec) for spec in model_specs]
+    # The models' source contrasts unless --source says otherwise (all models must read the same ones).
+    source = args.source or (cae[0].source if cae else flags.config_value(args, "source"))
+    target = flags.config_value(args, "target")
+    differing = [m for m in cae if m.source != source]
+    if differing:
+        raise ValueError(f"model {differing[0].model} takes {differing[0].source}, not {source}; evaluate models "
+                         "with the same source contrasts together")
     subjects = data.load_subjects(args.data or _default_data(), source=source, target=target)
     by_id = {s.id: s for s in subjects}
     first_meta = cae[0].meta if cae else {}
@@ -91,7 +97,7 @@ def main(argv=None) -> int:
         subject = by_id[sid]
         images = {source: subject.source, "truth": subject.target}
         for m in all_methods:
-            pred, seconds = methods.timed_predict(m, subject.source, subject.mask)
+            pred, seconds = methods.timed_predict(m, subject.inputs, subject.mask)
             name = getattr(m, "name_override", m.name)
             rows.append({"subject": sid, "method": name, **score(pred, subject), "seconds": seconds})
             per_method.setdefault(name, []).append(rows[-1])

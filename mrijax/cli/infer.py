@@ -7,6 +7,10 @@ and qform/sform, zero outside the brain, in normalised target units (target / (3
 A failing file is reported and the others go on; the exit status is 1 if any failed. Inputs whose voxel
 size is far from the model's training data get a one-line warning: resample them to ~1 mm first.
 
+A model trained on several source contrasts (model card "source": "T1w,FLAIR") takes one file per contrast:
+`-i T1w.nii.gz -i FLAIR.nii.gz`, in the card's order; in a BIDS-like folder each subject's FLAIR is found
+beside its T1w.
+
 With no arguments: runs the default shipped model on the embedded phantom dataset's test subject and
 prints its metrics against the simulated ground truth.
 """
@@ -32,7 +36,9 @@ def parse_args(argv=None):
                                 epilog=f"models found by name: {', '.join(checkpoint.shipped_models()) or 'none'} "
                                        f"(default {checkpoint.DEFAULT_MODEL})",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--input", help="NIfTI file, folder, or text file of paths")
+    p.add_argument("-i", "--input", action="append",
+                   help="NIfTI file, folder, or text file of paths; a model with several source contrasts takes one "
+                        "-i file per contrast, in its order (e.g. -i T1w.nii.gz -i FLAIR.nii.gz)")
     p.add_argument("-o", "--output", help="output file (single input) or folder (default: ./mrijax-out)")
     flags.add_model(p)
     p.add_argument("--mask", help="brain mask NIfTI (single input; default: positive voxels of the input)")
@@ -50,32 +56,72 @@ def parse_args(argv=None):
         p.error(f"--tile must be 0 (one pass) or a positive even number, got {args.tile}")
     if args.method != "cae" and not args.atlas:
         p.error(f"--method {args.method} needs --atlas DIR (subjects with both contrasts)")
-    if args.mask and args.input and not NIFTI.search(args.input):
+    if args.input and len(args.input) > 1 and not all(NIFTI.search(i) for i in args.input):
+        p.error("several -i go with a multi-source model, one NIfTI file per source contrast; folders and lists "
+                "take one -i")
+    if args.mask and args.input and not NIFTI.search(args.input[0]):
         p.error("--mask goes with a single input file; for folders put sub-*_mask.nii.gz beside each image")
     return args
 
 
-def list_inputs(spec: str, source: str) -> list[tuple[Path, Path | None]]:
-    """(image, mask or None) pairs from a file, a folder or a list file."""
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder; pass a NIfTI file, a folder or a list file")
+def _beside(image: Path, source: str, other: str) -> Path:
+    """The `other` contrast's file of the subject `image` (<stem>_<source>.nii.gz) belongs to."""
+    stem = NIFTI.sub("", image.name)
+    stem = stem[: -len(source) - 1] if stem.endswith(f"_{source}") else stem
+    found = sorted(image.parent.glob(f"{stem}_{other}.nii*"))
+    return found[0] if found else image.parent / f"{stem}_{other}.nii.gz"
+
+
+def list_inputs(specs: list[str], sources: list[str]) -> list[tuple[list[Path], Path | None]]:
+    """(one image per source contrast, mask or None) from NIfTI files (one per source), a folder or a list file.
+
+    A model with several sources reads BIDS-like folders, where each subject's other contrasts lie beside its
+    first (sub-x_FLAIR.nii.gz beside sub-x_T1w.nii.gz; possibly missing, which `main` reports per subject).
+    """
+    for spec in specs:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"{spec}: no such file or folder; pass a NIfTI file, a folder or a list file")
+    path = Path(specs[0])
     if path.is_file() and NIFTI.search(path.name):
-        return [(path, None)]
+        if len(specs) < len(sources):
+            raise ValueError(f"no {' or '.join(sources[len(specs):])} image given: the model takes "
+                             f"{','.join(sources)}; pass one -i per contrast, in this order")
+        if len(specs) > len(sources):
+            raise ValueError(f"{len(specs)} -i files for a model that takes {len(sources)} ({','.join(sources)}); "
+                             "pass one -i per contrast, in this order")
+        return [([Path(s) for s in specs], None)]
+    multi = len(sources) > 1
+    bids = sorted(path.glob(f"sub-*/anat/*_{sources[0]}.nii*")) if path.is_dir() else []
+    if multi and not bids:
+        raise ValueError(f"{path}: a model with source contrasts {','.join(sources)} reads BIDS-like folders "
+                         f"(sub-*/anat/*_{sources[0]}.nii.gz beside *_{sources[1]}.nii.gz) or one -i file per "
+                         "contrast")
     if path.is_file():
         lines = [l.strip() for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
-        return [((path.parent / l) if not Path(l).is_absolute() else Path(l), None) for l in lines]
-    bids = sorted(path.glob(f"sub-*/anat/*_{source}.nii*"))
+        return [([(path.parent / l) if not Path(l).is_absolute() else Path(l)], None) for l in lines]
     if bids:
         pairs = []
         for image in bids:
             masks = list(image.parent.glob(NIFTI.sub("", image.name).rsplit("_", 1)[0] + "_mask.nii*"))
-            pairs.append((image, masks[0] if masks else None))
+            pairs.append(([image, *(_beside(image, sources[0], other) for other in sources[1:])],
+                          masks[0] if masks else None))
         return pairs
     flat = sorted(p for p in path.iterdir() if NIFTI.search(p.name))
     if not flat:
-        raise FileNotFoundError(f"{path}: no .nii/.nii.gz files found (nor sub-*/anat/*_{source}.nii.gz)")
-    return [(p, None) for p in flat]
+        raise FileNotFoundError(f"{path}: no .nii/.nii.gz files found (nor sub-*/anat/*_{sources[0]}.nii.gz)")
+    return [([p], None) for p in flat]
+
+
+def model_sources(args) -> list[str]:
+    """The source contrasts to read: --source, else the CAE model card's (read without loading weights)."""
+    from mrijax import checkpoint, data
+
+    if args.source:
+        return data.source_names(args.source)
+    if args.method == "cae":
+        card = json.loads((checkpoint.resolve_model_dir(args.checkpoint) / "model.json").read_text())
+        return data.source_names(card.get("source", "T1w"))
+    return ["T1w"]
 
 
 def output_for(image: Path, output: str | None, single: bool, target: str) -> Path:
@@ -127,7 +173,7 @@ def demo(args) -> int:
     method = build_method(args, "T1w", "T2w")
     root = data.ensure_phantom_dataset()
     subject = data.load_subjects(root)[-1]
-    pred, seconds = methods.timed_predict(method, subject.source, subject.mask)
+    pred, seconds = methods.timed_predict(method, subject.inputs, subject.mask)
     out = output_for(Path(subject.paths["source"]), args.output, True, "T2w")
     data.save_like(pred, subject.source_volume, out, description=f"mrijax synth T2w ({method.name})")
     result = {"subject": subject.id, "method": method.name, "output": str(out), "seconds": round(seconds, 2),
@@ -137,10 +183,10 @@ def demo(args) -> int:
     return 0
 
 
-def _one_line(path: Path, error: BaseException) -> str:
-    """The error's first line, naming the file once (library messages usually start with it already)."""
+def _one_line(paths: list[Path], error: BaseException) -> str:
+    """The error's first line, naming a file once (library messages usually start with it already)."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return message if str(path) in message else f"{path}: {message}"
+    return message if any(str(path) in message for path in paths) else f"{paths[0]}: {message}"
 
 
 def main(argv=None) -> int:
@@ -151,23 +197,30 @@ def main(argv=None) -> int:
 
     from mrijax import methods
 
-    inputs = list_inputs(args.input, args.source or "T1w")  # cheap checks before loading a model
-    method = build_method(args, args.source or "T1w", args.target or "T2w")
+    sources = model_sources(args)
+    inputs = list_inputs(args.input, sources)  # cheap checks before loading a model
+    method = build_method(args, ",".join(sources), args.target or "T2w")
     target = args.target or getattr(method, "target", "T2w")
     trained = tuple((getattr(method, "meta", None) or {}).get("voxel_size_mm", TRAINED_VOXEL_MM))
     single = len(inputs) == 1
     failed = 0
-    for image, mask in tqdm(inputs, desc="volumes", unit="vol", disable=single or not sys.stderr.isatty()):
+    for images, mask in tqdm(inputs, desc="volumes", unit="vol", disable=single or not sys.stderr.isatty()):
+        image = images[0]
         warning = args.method == "cae" and voxel_size_warning(image, canonical_zooms(image), trained)
         if warning:
             print(warning, file=sys.stderr)
         try:
-            result = methods.synthesize_file(method, image, output_for(image, args.output, single, target),
+            absent = [(name, p) for name, p in zip(sources, images) if not p.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{absent[0][1]}: no {absent[0][0]} image for {image.name}; the model takes "
+                                        f"{','.join(sources)}: add the file, or pass one -i per contrast")
+            result = methods.synthesize_file(method, images if len(images) > 1 else image,
+                                             output_for(image, args.output, single, target),
                                              mask_path=args.mask or mask, target=target)
             print(f"{result['input']} -> {result['output']}  ({result['seconds']:.1f} s)")
         except (ValueError, OSError) as e:
             failed += 1
-            print(f"error: {_one_line(image, e)}", file=sys.stderr)
+            print(f"error: {_one_line(images, e)}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(inputs)} file(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -51,7 +51,7 @@ def main(argv=None):
         from mrijax import methods
 
         method = (methods.mimecs_method if args.baseline == "mimecs" else methods.lut_method)(train_subjects)
-        predictions = {s.id: method.predict(s.source, s.mask) for s in val_subjects}
+        predictions = {s.id: method.predict(s.inputs, s.mask) for s in val_subjects}
         run.baseline_mse = trainer.block_mse(predictions, val_subjects, run.val_records, run.out_shape, config.loss)
         run.baseline_label = method.name
         print(f"{method.name} validation MSE over the same blocks: {run.baseline_mse:.5f}")

@@ -5,7 +5,9 @@ from mrijax.data.patches import (
 )
 from mrijax.data.phantom import default_phantom_dir, ensure_phantom_dataset, make_phantom_dataset, simulate_subject
 from mrijax.data.preprocessing import brain_mask, normalise
-from mrijax.data.subjects import Subject, discover, find_subjects, load_subject, load_subjects, mirrored
+from mrijax.data.subjects import (
+    Subject, discover, find_subjects, load_subject, load_subjects, mirrored, source_names,
+)
 
 __all__ = [
     "DataError", "Volume", "check_same_grid", "load_volume", "save_like", "to_reference_orientation",
@@ -13,5 +15,5 @@ __all__ = [
     "patch_records",
     "default_phantom_dir", "ensure_phantom_dataset", "make_phantom_dataset", "simulate_subject",
     "brain_mask", "normalise",
-    "Subject", "discover", "find_subjects", "load_subject", "load_subjects", "mirrored",
+    "Subject", "discover", "find_subjects", "load_subject", "load_subjects", "mirrored", "source_names",
 ]

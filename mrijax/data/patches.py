@@ -89,11 +89,12 @@ def num_batches(n_records: int, batch_size: int, shard_count: int = 1, drop_rema
 class _CutPatches:
     """Maps a record to its {"source", "target", "mask"} channels-last blocks (a class so it pickles).
 
-    "mask" is the brain mask of the output block (1.0 = brain), for losses that count brain voxels only.
+    "source" has one channel per source contrast; "mask" is the brain mask of the output block (1.0 = brain), for
+    losses that count brain voxels only.
     """
 
     def __init__(self, subjects: Sequence, in_shape: Sequence[int], out_shape: Sequence[int]):
-        self.sources = [s.source for s in subjects]
+        self.sources = [(s.source, *s.extra_sources) for s in subjects]
         self.targets = [s.target for s in subjects]
         self.masks = [s.mask for s in subjects]
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
@@ -101,7 +102,7 @@ class _CutPatches:
     def __call__(self, record: np.ndarray) -> dict[str, np.ndarray]:
         index, centre = int(record[0]), record[1:]
         return {
-            "source": extract_patch(self.sources[index], centre, self.in_shape)[..., None],
+            "source": np.stack([extract_patch(v, centre, self.in_shape) for v in self.sources[index]], axis=-1),
             "target": extract_patch(self.targets[index], centre, self.out_shape)[..., None],
             "mask": extract_patch(self.masks[index], centre, self.out_shape)[..., None].astype(np.float32),
         }
@@ -109,19 +110,22 @@ class _CutPatches:
 
 class _AugmentSource:
     """Random source-contrast change of one sample (grain's `random_map`: the generator is seeded by the
-    dataset seed and the element's index, so an epoch's augmentation is a pure function of (seed, epoch))."""
+    dataset seed and the element's index, so an epoch's augmentation is a pure function of (seed, epoch)).
+    Each source contrast gets its own draw: scanners change each sequence's contrast differently."""
 
     def __init__(self, config):
         self.config = config
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        return {**sample, "source": augment_source(sample["source"], rng, self.config)}
+        source = sample["source"]
+        channels = [augment_source(source[..., c:c + 1], rng, self.config) for c in range(source.shape[-1])]
+        return {**sample, "source": np.concatenate(channels, axis=-1)}
 
 
 def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int], *,
                   batch_size: int, seed: int, epoch: int, shuffle: bool = True, shard_index: int = 0,
                   shard_count: int = 1, drop_remainder: bool = True, num_threads: int = 0, augment=None):
-    """One epoch of batches {"source": (B, *in_shape, 1), "target", "mask": (B, *out_shape, 1)} float32.
+    """One epoch of batches {"source": (B, *in_shape, sources), "target", "mask": (B, *out_shape, 1)} float32.
 
     A `grain.MapDataset`: records -> shuffle (seed from (seed, epoch)) -> this process's shard -> cut patches
     -> augment the source (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch. Shards are

@@ -6,7 +6,9 @@ Two layouts are understood:
 - a manifest (CSV or TSV; `root` is the file, or a folder holding `manifest.csv`/`manifest.tsv`) with a
   `subject` column, one column per modality and an optional `mask` column. Relative paths are relative to
   the manifest's folder; an empty cell means "not available".
-Any pair of contrasts works (T1w->T2w, T2w->T1w, T1w->FLAIR, ...): they are just column/file names.
+Any pair of contrasts works (T1w->T2w, T2w->T1w, T1w->FLAIR, ...): they are just column/file names. Several
+source contrasts are named with commas ("T1w,FLAIR"): the first is the primary one (the brain mask without a
+mask file, the look-up tables), the others ride along as extra input channels.
 """
 from __future__ import annotations
 
@@ -30,12 +32,28 @@ class Subject:
     """One subject, ready for patches: canonical float32 arrays normalised to brain mean 1/3."""
 
     id: str
-    source: np.ndarray
+    source: np.ndarray  # the primary (first) source contrast
     target: np.ndarray | None  # None for inference-only subjects
     mask: np.ndarray  # bool
     affine: np.ndarray  # canonical affine shared by source, target and mask
     source_volume: Volume  # original source image, to write synthesised results back like it
     paths: dict[str, Path | None]
+    extra_sources: tuple[np.ndarray, ...] = ()  # further source contrasts ("T1w,FLAIR": the FLAIR), same grid
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """What a model reads: the source (D, H, W), or every source contrast channels-last (D, H, W, C)."""
+        if not self.extra_sources:
+            return self.source
+        return np.stack([self.source, *self.extra_sources], axis=-1)
+
+
+def source_names(source: str) -> list[str]:
+    """The contrasts of a source spec: "T1w" -> ["T1w"], "T1w,FLAIR" -> ["T1w", "FLAIR"]."""
+    names = [name.strip() for name in str(source).split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"source {source!r}: name one or more distinct contrasts, comma-separated (e.g. T1w,FLAIR)")
+    return names
 
 
 def mirrored(subject: Subject, axis: int = 0) -> Subject:
@@ -46,7 +64,8 @@ def mirrored(subject: Subject, axis: int = 0) -> Subject:
     """
     flip = lambda a: None if a is None else np.ascontiguousarray(np.flip(a, axis))
     return dataclasses.replace(subject, id=f"{subject.id}~flip{axis}", source=flip(subject.source),
-                               target=flip(subject.target), mask=flip(subject.mask))
+                               target=flip(subject.target), mask=flip(subject.mask),
+                               extra_sources=tuple(flip(a) for a in subject.extra_sources))
 
 
 def _find_nifti(folder: Path, stem: str) -> Path | None:
@@ -154,21 +173,23 @@ def discover(root: str | Path, modalities: Sequence[str] = ("T1w", "T2w"), requi
 
 
 def load_subject(entry: dict, source: str = "T1w", target: str | None = "T2w") -> Subject:
-    """Load, grid-check, mask and normalise one discovered subject (`target=None` for inference only)."""
-    wanted = [source] + ([target] if target else [])
-    missing = _missing(entry, wanted)
+    """Load, grid-check, mask and normalise one discovered subject (`target=None` for inference only); `source`
+    may name several contrasts ("T1w,FLAIR"), each normalised by its own brain mean."""
+    sources = source_names(source)
+    missing = _missing(entry, sources + ([target] if target else []))
     if missing:
         raise DataError(f"subject {entry['id']} has no {', '.join(missing)} image in {entry}; "
                         "use discover() with these modalities")
-    source_volume = load_volume(entry[source])
+    source_volume, *extra_volumes = [load_volume(entry[name]) for name in sources]
     target_volume = load_volume(entry[target]) if target else None
     mask_volume = load_volume(entry["mask"]) if entry.get("mask") else None
-    for other in (target_volume, mask_volume):
+    for other in (*extra_volumes, target_volume, mask_volume):
         if other is not None:
             check_same_grid(source_volume, other)
     mask = brain_mask(source_volume, target_volume, mask_volume)
     paths = {"source": source_volume.path, "target": target_volume.path if target_volume else None,
-             "mask": mask_volume.path if mask_volume else None}
+             "mask": mask_volume.path if mask_volume else None,
+             **{name: volume.path for name, volume in zip(sources[1:], extra_volumes)}}
     return Subject(
         id=entry["id"],
         source=normalise(source_volume, mask),
@@ -177,6 +198,7 @@ def load_subject(entry: dict, source: str = "T1w", target: str | None = "T2w") -
         affine=source_volume.affine,
         source_volume=source_volume,
         paths=paths,
+        extra_sources=tuple(normalise(volume, mask) for volume in extra_volumes),
     )
 
 
@@ -216,6 +238,6 @@ def find_subjects(root: str | Path, modalities: Sequence[str], ids: Sequence[str
 
 def load_subjects(root: str | Path, source: str = "T1w", target: str | None = "T2w",
                   ids: Sequence[str] | None = None) -> list[Subject]:
-    """Load every subject (or those in `ids`) that has both contrasts; see `find_subjects`."""
-    modalities = [source] + ([target] if target else [])
+    """Load every subject (or those in `ids`) that has every source contrast and the target; see `find_subjects`."""
+    modalities = source_names(source) + ([target] if target else [])
     return [load_subject(entry, source, target) for entry in find_subjects(root, modalities, ids)]
