@@ -54,6 +54,15 @@ def tune_malloc() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def one_line(error: BaseException, paths=()) -> str:
+    """The error's first line; when `paths` are given and the message names none of them, prefixed by the first
+    (library messages usually start with the file already)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if paths and not any(str(path) in message for path in paths):
+        message = f"{paths[0]}: {message}"
+    return message
+
+
 def run(main) -> None:
     """Call main(); bad input (ValueError, missing files) becomes one 'error:' line and exit status 2."""
     try:
@@ -62,8 +71,7 @@ def run(main) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
 

@@ -22,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+from mrijax import cli
 from mrijax.cli import flags
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
@@ -183,12 +184,6 @@ def demo(args) -> int:
     return 0
 
 
-def _one_line(paths: list[Path], error: BaseException) -> str:
-    """The error's first line, naming a file once (library messages usually start with it already)."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return message if any(str(path) in message for path in paths) else f"{paths[0]}: {message}"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.input:
@@ -220,7 +215,7 @@ def main(argv=None) -> int:
             print(f"{result['input']} -> {result['output']}  ({result['seconds']:.1f} s)")
         except (ValueError, OSError) as e:
             failed += 1
-            print(f"error: {_one_line(images, e)}", file=sys.stderr)
+            print(f"error: {cli.one_line(e, images)}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(inputs)} file(s) failed", file=sys.stderr)
     return 1 if failed else 0
