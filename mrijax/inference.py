@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from mrijax import models, ops
-from mrijax.data.preprocessing import brain_mask, normalise
+from mrijax.data.preprocessing import brain_mask, normalise_sources
 
 # Output tile edge. A larger tile recomputes less of the context margin around each tile but needs more memory;
 # 128 was the fastest on a whole 1 mm brain (RESULTS.md), and a smaller one (e.g. 64) trades speed for memory.
@@ -104,9 +104,8 @@ def synthesize(variables, volume, mask=None, *, tile: int | None = DEFAULT_TILE,
         raise ValueError(f"mask shape {np.shape(mask)} differs from volume shape {first.shape}; pass a mask on the "
                          "same grid")
     mask = brain_mask(first, mask=mask)
-    sources = [normalise(v, mask) for v in volumes]
-    source = sources[0] if len(sources) == 1 else np.stack(sources, axis=-1)
-    return synthesize_normalised(variables, source, mask, tile=tile, impl=impl, compute_dtype=compute_dtype, flip=flip)
+    return synthesize_normalised(variables, normalise_sources(volumes, mask), mask, tile=tile, impl=impl,
+                                 compute_dtype=compute_dtype, flip=flip)
 
 
 def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT_TILE, impl: str | None = None,

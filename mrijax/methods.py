@@ -98,8 +98,7 @@ def synthesize_file(method, input_paths, output_path, mask_path=None, target: st
         if other is not None:
             data.check_same_grid(volume, other)
     mask = data.brain_mask(volume, mask=mask_volume)
-    sources = [data.normalise(v, mask) for v in (volume, *extra)]
-    pred, seconds = timed_predict(method, sources[0] if not extra else np.stack(sources, axis=-1), mask)
+    pred, seconds = timed_predict(method, data.normalise_sources([volume, *extra], mask), mask)
     description = f"mrijax synth {target} ({method.name}); units: {target}/(3*brain mean)"
     out = data.save_like(pred, volume, output_path, description=description)
     return {"input": ", ".join(str(p) for p in paths), "output": str(out), "seconds": seconds,

@@ -4,7 +4,7 @@ from mrijax.data.patches import (
     epoch_seed, extract_patch, jitter_records, num_batches, patch_centres, patch_counts, patch_dataset, patch_records,
 )
 from mrijax.data.phantom import default_phantom_dir, ensure_phantom_dataset, make_phantom_dataset, simulate_subject
-from mrijax.data.preprocessing import brain_mask, normalise
+from mrijax.data.preprocessing import brain_mask, normalise, normalise_sources
 from mrijax.data.subjects import (
     Subject, discover, find_subjects, load_subject, load_subjects, mirrored, source_names,
 )
@@ -14,6 +14,6 @@ __all__ = [
     "epoch_seed", "extract_patch", "jitter_records", "num_batches", "patch_centres", "patch_counts", "patch_dataset",
     "patch_records",
     "default_phantom_dir", "ensure_phantom_dataset", "make_phantom_dataset", "simulate_subject",
-    "brain_mask", "normalise",
+    "brain_mask", "normalise", "normalise_sources",
     "Subject", "discover", "find_subjects", "load_subject", "load_subjects", "mirrored", "source_names",
 ]

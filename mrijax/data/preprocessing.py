@@ -56,3 +56,10 @@ def normalise(volume: Volume | np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise DataError(f"{_name(volume)}: mean intensity inside the brain mask is {brain_mean:.4g}, not positive; "
                         "check that the mask covers the brain of this image")
     return np.where(mask, data / np.float32(3.0 * brain_mean), np.float32(0.0)).astype(np.float32)
+
+
+def normalise_sources(volumes, mask: np.ndarray) -> np.ndarray:
+    """What a model reads from one or several source contrasts on one grid: each normalised by its own brain mean
+    over `mask`; (D, H, W) for one, stacked channels-last (D, H, W, C) for several (`Subject.inputs`)."""
+    sources = [normalise(volume, mask) for volume in volumes]
+    return sources[0] if len(sources) == 1 else np.stack(sources, axis=-1)
