@@ -22,7 +22,10 @@ def test_shipped_model_loads_for_synthesis(name):
         assert np.isfinite(meta["val_mse"])
     else:  # trained on every subject: its recipe's leave-one-source-out CV is on the card
         summary = meta["cv"]["summary"]
-        assert {"CAE", "LUT"} <= set(summary) and meta["cv"]["recipe"]["anchor"] == meta.get("anchor", "none")
+        recipe = meta["cv"]["recipe"]  # the CV is of this model's recipe: same architecture and contrasts
+        assert {"CAE", "LUT"} <= set(summary) and recipe["anchor"] == meta.get("anchor", "none")
+        assert (recipe["variant"], recipe["source"], recipe["target"]) == (meta["variant"], meta["source"],
+                                                                           meta["target"])
     leaves = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(variables)]
     assert all(np.all(np.isfinite(x)) for x in leaves)
     fresh = mrijax.init_variables(meta["variant"])  # trained weights differ from a fresh init
