@@ -215,7 +215,7 @@ class Trainer:
                                             compute_dtype=jnp.dtype(c.compute_dtype), weight_decay=c.weight_decay,
                                             decay_steps=decay_steps, loss=c.loss)
         if c.init_from:
-            return self._warm_start(state)
+            state = self._warm_start(state)
         if self.variant.anchor:
             table = training_lut(self.train_subjects)
             anchored = models.set_lut(state.variables, table.bin_centres, table.values)
@@ -225,7 +225,9 @@ class Trainer:
     def _warm_start(self, state):
         """Weights and BatchNorm statistics from `init_from` (an export or shipped model) in a fresh state (its
         optimizer state depends only on parameter shapes): fine-tuning a trained model on new subjects, or continuing
-        a finished schedule with a new one."""
+        a finished schedule with a new one. An anchored model's LUT is not taken over: `new_state` refits it on this
+        run's training subjects, as for a fresh model (the network learns a correction to the LUT of the data it
+        is trained on; a model pretrained on simulated pairs must not keep their LUT)."""
         variables, meta = checkpoint.load_model(self.config.init_from)
         if meta["variant"] != self.variant.name:
             raise ValueError(f"--init-from {self.config.init_from} holds a {meta['variant']} model; train with "
@@ -241,9 +243,7 @@ class Trainer:
             self.log(f"warm start from a {meta.get('source')}->{meta.get('target')} model for "
                      f"{self.config.source}->{self.config.target}")
         as_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
-        constants = {"lut": as_jax(variables["lut"])} if "lut" in variables else {}
-        return state.replace(params=as_jax(variables["params"]), batch_stats=as_jax(variables["batch_stats"]),
-                             constants=constants)
+        return state.replace(params=as_jax(variables["params"]), batch_stats=as_jax(variables["batch_stats"]))
 
     def _batches(self, subjects, records, epoch, shuffle, batch_size, drop_remainder, augment=None):
         return data.patch_dataset(

@@ -117,6 +117,13 @@ def test_anchored_brain_loss_augmented_run_resumes_exactly_and_exports_its_table
     variables, meta = checkpoint.load_model(tmp_path / "cut")
     assert meta["anchor"] == "lut" and meta["voxel_size_mm"] == [2.0, 2.0, 2.0]
     np.testing.assert_array_equal(variables["lut"]["values"], _fitted_table(phantom_subjects[:-1])[1])
+    # a warm start takes the weights but refits the table on its own training subjects (pretrain, then fine-tune)
+    warm = Trainer(PRESETS["smoke"].replace(variant="narrow", anchor="lut", init_from=str(tmp_path / "cut")),
+                   phantom_subjects[-1:], [], tmp_path / "warm", progress=False).new_state()
+    np.testing.assert_array_equal(warm.constants["lut"]["values"], _fitted_table(phantom_subjects[-1:])[1])
+    assert not np.array_equal(warm.constants["lut"]["values"], variables["lut"]["values"])
+    for a, b in zip(jax.tree_util.tree_leaves(variables["params"]), jax.tree_util.tree_leaves(warm.params)):
+        np.testing.assert_array_equal(a, b)
     # warm starts keep the kind of model
     with pytest.raises(ValueError, match="anchor"):
         Trainer(PRESETS["smoke"].replace(variant="narrow", init_from=str(tmp_path / "cut")), phantom_subjects[:2],

@@ -12,6 +12,10 @@ mm, with
 - optional spherical lesions with long T1 and long T2 (MS-like: dark on T1w, bright on T2w and FLAIR);
 - per contrast a smooth multiplicative bias field and Rician noise; skull-stripped (zero outside the brain).
 Partial volumes mix tissue *signals* (not relaxation times), as in a real voxel.
+With `random_contrasts` (synthetic pretraining data, beyond the paper) each subject gets its own protocol and
+tissue: sequence parameters drawn over what scanners use (`random_sequences`; the T1w a spoiled gradient echo or
+an inversion-prepared, MPRAGE-like sequence), relaxation times and densities jittered more widely, and bias and
+noise levels drawn per subject, so pairs span many scanners' contrasts.
 
 Sequences (steady-state signal equations, e.g. Bernstein, King & Zhou, "Handbook of MRI Pulse Sequences",
 2004; Haacke et al., "Magnetic Resonance Imaging: Physical Principles and Sequence Design", 1999):
@@ -77,6 +81,11 @@ SCALE_JITTER = 0.04  # s.d. of the global (isotropic) head-size scale
 BIAS_STRENGTH = 0.10  # s.d. of the log bias field
 NOISE_FRACTION = 0.02  # Rician noise sigma relative to the mean brain signal
 SCANNER_GAIN = 1000.0  # arbitrary intensity units, jittered per subject and contrast
+# random_contrasts: wider tissue jitter and per-subject bias / noise levels (uniform ranges)
+RANDOM_RELAXATION_JITTER = 0.12
+RANDOM_DENSITY_JITTER = 0.06
+RANDOM_BIAS_STRENGTH = (0.05, 0.3)
+RANDOM_NOISE_FRACTION = (0.01, 0.05)
 
 
 def signal(tissue: Tissue, sequence: Sequence) -> float:
@@ -172,18 +181,39 @@ def _lesion_map(wm: np.ndarray, rng: np.random.Generator, resolution: float) -> 
     return lesion
 
 
-def _jitter(tissue: Tissue, rng: np.random.Generator) -> Tissue:
-    return Tissue(tissue.proton_density * (1 + DENSITY_JITTER * rng.standard_normal()),
-                  tissue.t1_ms * (1 + RELAXATION_JITTER * rng.standard_normal()),
-                  tissue.t2_ms * (1 + RELAXATION_JITTER * rng.standard_normal()))
+def _jitter(tissue: Tissue, rng: np.random.Generator, density: float = DENSITY_JITTER,
+            relaxation: float = RELAXATION_JITTER) -> Tissue:
+    return Tissue(tissue.proton_density * (1 + density * rng.standard_normal()),
+                  tissue.t1_ms * (1 + relaxation * rng.standard_normal()),
+                  tissue.t2_ms * (1 + relaxation * rng.standard_normal()))
 
 
-def simulate_subject(seed: int = 0, index: int = 0, resolution: int = 2, lesions: bool = True) -> dict:
-    """One simulated subject: images {"T1w", "T2w", "FLAIR"}, bool "mask", tissue "fractions", "affine".
+def random_sequences(rng: np.random.Generator) -> dict[str, Sequence]:
+    """One subject's protocol, drawn over common clinical and research settings (T1w half the time MPRAGE-like:
+    inversion-prepared, TI 950-1150 ms, where white matter > grey matter > CSF)."""
+    if rng.random() < 0.5:
+        t1w = Sequence("spoiled_gre", tr_ms=rng.uniform(8.0, 30.0), te_ms=rng.uniform(2.0, 6.0),
+                       flip_deg=rng.uniform(8.0, 40.0))
+    else:
+        t1w = Sequence("inversion_recovery", tr_ms=rng.uniform(2000.0, 2300.0), te_ms=rng.uniform(2.0, 5.0),
+                       ti_ms=rng.uniform(950.0, 1150.0))
+    return {"T1w": t1w,
+            "T2w": Sequence("spin_echo", tr_ms=rng.uniform(2500.0, 8000.0), te_ms=rng.uniform(70.0, 140.0)),
+            "FLAIR": Sequence("inversion_recovery", tr_ms=rng.uniform(8000.0, 11000.0),
+                              te_ms=rng.uniform(80.0, 140.0), ti_ms=rng.uniform(2200.0, 2800.0))}
+
+
+def simulate_subject(seed: int = 0, index: int = 0, resolution: int = 2, lesions: bool = True,
+                     random_contrasts: bool = False) -> dict:
+    """One simulated subject: images {"T1w", "T2w", "FLAIR"}, bool "mask", tissue "fractions", "affine",
+    "sequences".
 
     Deterministic in (seed, index). Arrays are RAS+ on the MNI152 grid at `resolution` mm (1 or 2).
+    `random_contrasts` draws the subject's protocol, tissue and bias / noise levels widely (module docstring).
     """
     rng = np.random.default_rng([seed, index])
+    # A stream of its own, so the fixed-protocol subjects stay what they were.
+    protocol_rng = np.random.default_rng([seed, index, 1]) if random_contrasts else None
     anatomy = mni152_anatomy(resolution)
     warped = _deform(anatomy, rng, resolution)
     mask = warped["brain"] > 0.5
@@ -194,18 +224,27 @@ def simulate_subject(seed: int = 0, index: int = 0, resolution: int = 2, lesions
     csf = np.clip(1.0 - gm - wm, 0, 1) * mask
     lesion = _lesion_map(wm, rng, resolution) * mask if lesions else np.zeros_like(gm)
     fractions = {"csf": csf * (1 - lesion), "gm": gm * (1 - lesion), "wm": wm * (1 - lesion), "lesion": lesion}
-    tissues = {name: _jitter(tissue, rng) for name, tissue in TISSUES.items()}
+    if protocol_rng is None:
+        sequences, bias_strength, noise_fraction = SEQUENCES, BIAS_STRENGTH, NOISE_FRACTION
+        tissues = {name: _jitter(tissue, rng) for name, tissue in TISSUES.items()}
+    else:
+        sequences = random_sequences(protocol_rng)
+        bias_strength = protocol_rng.uniform(*RANDOM_BIAS_STRENGTH)
+        noise_fraction = protocol_rng.uniform(*RANDOM_NOISE_FRACTION)
+        tissues = {name: _jitter(tissue, protocol_rng, RANDOM_DENSITY_JITTER, RANDOM_RELAXATION_JITTER)
+                   for name, tissue in TISSUES.items()}
 
     images = {}
-    for contrast, sequence in SEQUENCES.items():
+    for contrast, sequence in sequences.items():
         clean = sum(fractions[name] * signal(tissues[name], sequence) for name in fractions)
-        biased = clean * np.exp(BIAS_STRENGTH * _smooth_field(rng, mask.shape, coarse=4))
-        sigma = NOISE_FRACTION * float(biased[mask].mean())
+        biased = clean * np.exp(bias_strength * _smooth_field(rng, mask.shape, coarse=4))
+        sigma = noise_fraction * float(biased[mask].mean())
         noisy = np.hypot(biased + sigma * rng.standard_normal(mask.shape, np.float32),
                          sigma * rng.standard_normal(mask.shape, np.float32))  # Rician magnitude
         gain = SCANNER_GAIN * (1 + 0.2 * rng.standard_normal()) / float(clean[mask].mean())
         images[contrast] = (noisy * mask * abs(gain)).astype(np.float32)
-    return {"images": images, "mask": mask, "fractions": fractions, "affine": anatomy["affine"]}
+    return {"images": images, "mask": mask, "fractions": fractions, "affine": anatomy["affine"],
+            "sequences": sequences}
 
 
 def _write(data: np.ndarray, affine: np.ndarray, path: Path, flip_x: bool) -> None:
@@ -219,7 +258,7 @@ def _write(data: np.ndarray, affine: np.ndarray, path: Path, flip_x: bool) -> No
 
 
 def make_phantom_dataset(root: str | Path, n_subjects: int = 6, seed: int = 0, resolution: int = 2,
-                         lesions: bool = True) -> Path:
+                         lesions: bool = True, random_contrasts: bool = False) -> Path:
     """Write a simulated BIDS-like dataset: `root/sub-phantomNN/anat/sub-phantomNN_{T1w,T2w,FLAIR,mask}.nii.gz`.
 
     A SIMULATION for demos and tests (see the module docstring); real results come from real data.
@@ -227,7 +266,7 @@ def make_phantom_dataset(root: str | Path, n_subjects: int = 6, seed: int = 0, r
     """
     root = Path(root)
     for index in range(n_subjects):
-        subject = simulate_subject(seed, index, resolution, lesions)
+        subject = simulate_subject(seed, index, resolution, lesions, random_contrasts)
         subject_id = f"sub-phantom{index + 1:02d}"
         anat = root / subject_id / "anat"
         anat.mkdir(parents=True, exist_ok=True)
@@ -237,7 +276,8 @@ def make_phantom_dataset(root: str | Path, n_subjects: int = 6, seed: int = 0, r
         _write(subject["mask"].astype(np.uint8), subject["affine"], anat / f"{subject_id}_mask.nii.gz", flip_x)
     (root / "README.md").write_text(
         "# mrijax phantom dataset (SIMULATED)\n\n"
-        f"{n_subjects} simulated subjects (seed {seed}, {resolution} mm, lesions={lesions}) generated by "
+        f"{n_subjects} simulated subjects (seed {seed}, {resolution} mm, lesions={lesions}, "
+        f"random_contrasts={random_contrasts}) generated by "
         "`mrijax.data.phantom.make_phantom_dataset` from nilearn's MNI152 tissue maps with signal equations, "
         "random deformations, bias fields and Rician noise. For demos and tests only: results on this data say "
         "nothing about real scans.\n")
