@@ -101,3 +101,34 @@ def test_ensure_generates_once_and_never_leaves_partial_data(monkeypatch, tmp_pa
     assert root == default_phantom_dir() and (root / "sub-phantom01" / "anat").is_dir()
     assert ensure_phantom_dataset() == root and len(calls) == 2  # cached: not generated again
     assert sorted(p.name for p in (tmp_path / "home").iterdir()) == [phantom.PHANTOM_VERSION]
+
+
+def test_random_contrasts_give_each_subject_its_own_protocol_and_keep_the_fixed_one():
+    subjects = [simulate_subject(seed=3, index=i, resolution=3, random_contrasts=True) for i in range(6)]
+    kinds = {s["sequences"]["T1w"].kind for s in subjects}
+    assert kinds == {"spoiled_gre", "inversion_recovery"}  # gradient echo and MPRAGE-like both drawn
+    assert len({s["sequences"]["T2w"].te_ms for s in subjects}) == 6
+    again = simulate_subject(seed=3, index=0, resolution=3, random_contrasts=True)
+    np.testing.assert_array_equal(again["images"]["T1w"], subjects[0]["images"]["T1w"])
+    # same anatomy (the deformation stream is shared), different intensities
+    fixed = simulate_subject(seed=3, index=0, resolution=3)
+    np.testing.assert_array_equal(fixed["mask"], subjects[0]["mask"])
+    assert fixed["sequences"] is phantom.SEQUENCES
+    ratio = lambda s: tissue_mean(s, "T2w", "csf") / tissue_mean(s, "T2w", "wm")
+    assert len({round(ratio(s), 3) for s in subjects}) == 6
+    for s in subjects:  # every drawn protocol is still a T1w and a T2w
+        assert tissue_mean(s, "T1w", "wm") > tissue_mean(s, "T1w", "gm") > tissue_mean(s, "T1w", "csf")
+        assert tissue_mean(s, "T2w", "wm") < tissue_mean(s, "T2w", "gm") < tissue_mean(s, "T2w", "csf")
+
+
+def test_phantom_command_writes_a_dataset_and_never_overwrites(tmp_path):
+    from mrijax.cli import phantom as command
+
+    out = tmp_path / "synthetic"
+    assert command.main(["--out", str(out), "--subjects", "2", "--resolution", "4", "--random-contrasts"]) == 0
+    assert [e["id"] for e in discover(out, ("T1w", "T2w"))] == ["sub-phantom01", "sub-phantom02"]
+    assert "random_contrasts=True" in (out / "README.md").read_text()
+    before = sorted(p.stat().st_mtime_ns for p in out.rglob("*.nii.gz"))
+    with pytest.raises(ValueError, match="already exists; give a new --out"):
+        command.main(["--out", str(out), "--subjects", "2"])
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")) == before
