@@ -104,6 +104,7 @@ def _cli(script, *args):
     ("infer.py", ["-i", "x.nii.gz", "--method", "mimecs"], "--atlas"),
     ("infer.py", ["--dtype", "float16"], "invalid choice"),
     ("infer.py", ["--tile", "-2"], "--tile"),
+    ("phantom.py", ["--out", "new-folder", "--subjects", "0"], "--subjects must be >= 1"),
 ])
 def test_bad_flags_and_paths_give_one_line_errors(script, args, needle):
     result = _cli(script, *args)
