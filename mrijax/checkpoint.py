@@ -99,10 +99,15 @@ def resolve_model_dir(name_or_path: str | os.PathLike | None = None) -> Path:
                             f"workdir's best/ or an export) or a model name: {', '.join(shipped_models()) or 'none'}")
 
 
+def read_card(name_or_path: str | os.PathLike | None = None) -> dict:
+    """A model's card (model.json: variant, contrasts, training subjects, recipe), without loading its weights."""
+    return json.loads((resolve_model_dir(name_or_path) / "model.json").read_text())
+
+
 def load_model(name_or_path: str | os.PathLike | None = None) -> tuple[dict, dict]:
     """(variables, meta) of an exported or shipped model, ready for `mrijax.synthesize`."""
     directory = resolve_model_dir(name_or_path)
-    meta = json.loads((directory / "model.json").read_text())
+    meta = read_card(directory)
     config = models.configure(meta["variant"], anchor=meta.get("anchor", "none") == "lut",
                               in_channels=len(source_names(meta.get("source", "T1w"))))
     abstract = jax.eval_shape(lambda: models.init_variables(config))

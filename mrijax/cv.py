@@ -111,6 +111,17 @@ def _scores(prediction, subject) -> dict:
     return {k: float(values[k]) for k in METRICS}
 
 
+def check_no_leak(config: TrainConfig, groups) -> None:
+    """A warm start (`init_from`) must not have been trained on a subject the CV holds out."""
+    if not config.init_from:
+        return
+    seen = set(checkpoint.read_card(config.init_from).get("train_subjects", []))
+    held = [i for group in groups for i in group if i in seen]
+    if held:
+        raise ValueError(f"--init-from {config.init_from} was trained on {', '.join(held)}, which the CV holds out: "
+                         "its scores would not be held-out; start from a model trained without them")
+
+
 def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, baseline_cache=None,
            flip: bool = False, compute_dtype: str = "float32", warm_start=None, progress: bool = False,
            log=print) -> dict:
@@ -121,6 +132,7 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, b
     """
     from mrijax import inference, plotting
 
+    check_no_leak(config, groups)
     out = Path(out)
     by_id = {s.id: s for s in subjects}
     rows, folds = [], []

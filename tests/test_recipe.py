@@ -142,6 +142,17 @@ def test_source_groups_keep_sources_and_sessions_together():
         cv.source_groups(ids, ["sub-x*", "sub-*"])
 
 
+def test_cv_refuses_a_warm_start_that_saw_a_held_out_subject(tmp_path):
+    model = tmp_path / "pretrained"
+    model.mkdir()
+    (model / "model.json").write_text(json.dumps({"variant": "base", "train_subjects": ["sub-a1", "sub-b1"]}))
+    groups = [["sub-a1", "sub-a2"], ["sub-c1"]]
+    with pytest.raises(ValueError, match="trained on sub-a1, which the CV holds out"):
+        cv.run_cv([], groups, PRESETS["smoke"].replace(init_from=str(model)), tmp_path / "cv")
+    assert not (tmp_path / "cv").exists()  # refused before anything was written
+    cv.check_no_leak(PRESETS["smoke"].replace(init_from=str(model)), [["sub-c1"], ["sub-d1"]])  # disjoint: fine
+
+
 @pytest.mark.slow
 def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(phantom_subjects, tmp_path):
     root = Path(phantom_subjects[0].paths["source"]).parents[2]

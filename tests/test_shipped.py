@@ -1,5 +1,6 @@
 """The shipped models in ckpt/ load, are the architecture they claim, and carry their held-out evidence (a validation
 score, or the cross-validation of their recipe when they were trained on every subject)."""
+import jax
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def test_shipped_model_loads_for_synthesis(name):
         assert {"CAE", "LUT"} <= set(summary) and recipe["anchor"] == meta.get("anchor", "none")
         assert (recipe["variant"], recipe["source"], recipe["target"]) == (meta["variant"], meta["source"],
                                                                            meta["target"])
-    leaves = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(variables)]
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(variables)]
     assert all(np.all(np.isfinite(x)) for x in leaves)
     fresh = mrijax.init_variables(meta["variant"])  # trained weights differ from a fresh init
     assert not np.allclose(variables["params"]["conv2_full"]["kernel"], fresh["params"]["conv2_full"]["kernel"])
@@ -50,3 +51,19 @@ def test_default_model_synthesizes_a_real_subject_better_than_its_mean(shared_da
     mse = np.mean((prediction[mask] - truth) ** 2)
     constant = np.mean((truth - truth.mean()) ** 2)
     assert mse < 0.7 * constant, (mse, constant)
+
+
+def test_adapt_preset_starts_from_the_shipped_base_with_the_new_subjects_lut(phantom_dataset, tmp_path):
+    from mrijax import data
+    from mrijax.config import PRESETS
+    from mrijax.trainer import Trainer, training_lut
+
+    phantom_subjects = data.load_subjects(phantom_dataset)
+    config = PRESETS["adapt"]
+    shipped, meta = checkpoint.load_model(config.init_from)
+    assert meta["anchor"] == config.anchor and config.lr < PRESETS["ship"].lr
+    state = Trainer(config, phantom_subjects, [], tmp_path / "adapt", progress=False).new_state()
+    for a, b in zip(jax.tree_util.tree_leaves(shipped["params"]), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(state.constants["lut"]["values"], training_lut(phantom_subjects).values)
+    assert not np.array_equal(state.constants["lut"]["values"], shipped["lut"]["values"])

@@ -88,7 +88,8 @@ def config_value(args, name: str):
 def add_preset(parser) -> None:
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="smoke: seconds; quick (default): minutes on 2 CPU cores; paper: the paper's protocol; "
-                             "ship: how the shipped models were trained")
+                             "ship: how the shipped models were trained; adapt: the shipped base fine-tuned on "
+                             "your scanner's paired subjects")
 
 
 def add_data(parser, required: bool = False, default_help: str = "the embedded phantom dataset") -> None:

@@ -120,8 +120,7 @@ def model_sources(args) -> list[str]:
     if args.source:
         return data.source_names(args.source)
     if args.method == "cae":
-        card = json.loads((checkpoint.resolve_model_dir(args.checkpoint) / "model.json").read_text())
-        return data.source_names(card.get("source", "T1w"))
+        return data.source_names(checkpoint.read_card(args.checkpoint).get("source", "T1w"))
     return ["T1w"]
 
 
