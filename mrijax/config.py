@@ -92,7 +92,7 @@ PRESETS: dict[str, TrainConfig] = {
                         loss="brain", anchor="lut"),
     # Adapting the shipped base to a new scanner from a few paired subjects of it: the ship recipe continued from
     # `t1w-t2w-base` (its LUT refitted on these subjects) for 4 epochs at a lower rate. On the CV's held-out sources,
-    # one adaptation subject (100 steps) raised the SNR on the source's other people in 7 of 8 cases (RESULTS.md).
+    # one adaptation subject (100 steps) raised the SNR on the source's other people in 11 of 12 cases (RESULTS.md).
     "adapt": TrainConfig(epochs=4, batch_size=2, crop=48, lr=3e-4, jitter=24, flip=True, schedule="cosine",
                          loss="brain", anchor="lut", init_from="t1w-t2w-base"),
 }
