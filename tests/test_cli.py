@@ -67,6 +67,21 @@ def test_infer_tile_flag_changes_memory_not_results(tmp_path, tiny_model):
     assert np.any(whole > 0)
 
 
+def test_infer_averages_the_mirror_image_by_default(tmp_path, tiny_model):
+    """infer's default is flip averaging: the library's flip=True on the canonical array; --no-tta one pass."""
+    paths = write_synthetic_subject(tmp_path / "in", "sub-01", axcodes="RAS", shape=(26, 30, 22))
+    outputs = {}
+    for extra in ([], ["--no-tta"]):
+        out = tmp_path / f"out{len(extra)}.nii.gz"
+        assert infer.main(["-i", str(paths["T1w"]), "-o", str(out), "--checkpoint", str(tiny_model), *extra]) == 0
+        outputs[tuple(extra)] = nib.load(out).get_fdata()
+    variables, _ = checkpoint.load_model(tiny_model)
+    t1 = nib.load(paths["T1w"]).get_fdata()  # stored RAS: the canonical array itself
+    np.testing.assert_allclose(outputs[()], mrijax.synthesize(variables, t1, flip=True), atol=1e-6)
+    np.testing.assert_allclose(outputs[("--no-tta",)], mrijax.synthesize(variables, t1), atol=1e-6)
+    assert np.abs(outputs[()] - outputs[("--no-tta",)]).max() > 1e-4
+
+
 def test_infer_on_a_folder_reports_a_corrupt_file_and_writes_the_others(tmp_path, tiny_model, capsys):
     for i in (1, 2):
         write_synthetic_subject(tmp_path / "in", f"sub-0{i}", seed=i)
