@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="cae: test-time augmentation (default on), the mean of the predictions for the volume and its "
                         "left-right mirror: twice the time, +0.005 to +0.16 dB on each of the 13 subjects "
-                        "of the ship recipe's cross-validation (RESULTS.md); --no-tta: one pass, as mrijax.synthesize's default")
+                        "of the ship recipe's cross-validation (RESULTS.md); --no-tta: one pass, as "
+                        "mrijax.synthesize's default")
     flags.add_config_flags(p, ("compute_dtype", "source", "target"), title=None)
     args = p.parse_args(argv)
     if args.tile is not None and args.tile < 0:
