@@ -50,9 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--atlas", help="mimecs/lut: folder of subjects with both contrasts (BIDS-like or manifest)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="cae: test-time augmentation (default on), the mean of the predictions for the volume and its "
-                        "left-right mirror: twice the time, +0.005 to +0.16 dB on each of the 13 subjects "
-                        "of the ship recipe's cross-validation (RESULTS.md); --no-tta: one pass, as "
-                        "mrijax.synthesize's default")
+                        "left-right mirror, at twice the time; --no-tta: one pass, as mrijax.synthesize's default")
     flags.add_config_flags(p, ("compute_dtype", "source", "target"), title=None)
     args = p.parse_args(argv)
     if args.tile is not None and args.tile < 0:

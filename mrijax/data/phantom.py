@@ -208,8 +208,8 @@ def simulate_subject(seed: int = 0, index: int = 0, resolution: int = 2, lesions
     """One simulated subject: images {"T1w", "T2w", "FLAIR"}, bool "mask", tissue "fractions", "affine",
     "sequences".
 
-    Deterministic in (seed, index). Arrays are RAS+ on the MNI152 grid at `resolution` mm (1 or 2).
-    `random_contrasts` draws the subject's protocol, tissue and bias / noise levels widely (module docstring).
+    Deterministic in (seed, index). Arrays are RAS+ on the MNI152 grid at `resolution` mm (an integer; 1 or 2 for
+    training, 3-4 for fast tests). `random_contrasts` draws the subject's protocol, tissue and bias / noise levels widely (module docstring).
     """
     rng = np.random.default_rng([seed, index])
     # A stream of its own, so the fixed-protocol subjects stay what they were.
