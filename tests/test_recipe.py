@@ -153,6 +153,23 @@ def test_cv_refuses_a_warm_start_that_saw_a_held_out_subject(tmp_path):
     cv.check_no_leak(PRESETS["smoke"].replace(init_from=str(model)), [["sub-c1"], ["sub-d1"]])  # disjoint: fine
 
 
+def test_cv_command_refuses_a_leaking_warm_start_before_reading_any_volume(tmp_path):
+    from mrijax.cli import cv as cv_cli
+
+    model = tmp_path / "pretrained"
+    model.mkdir()
+    (model / "model.json").write_text(json.dumps({"variant": "base", "train_subjects": ["sub-a1"]}))
+    for sid in ("sub-a1", "sub-b1"):  # unreadable images: loading them would fail with another error
+        anat = tmp_path / "data" / sid / "anat"
+        anat.mkdir(parents=True)
+        for modality in ("T1w", "T2w"):
+            (anat / f"{sid}_{modality}.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="trained on sub-a1, which the CV holds out"):
+        cv_cli.main(["--data", str(tmp_path / "data"), "--preset", "smoke", "--init-from", str(model),
+                     "--out", str(tmp_path / "cv"), "--no-progress"])
+    assert not (tmp_path / "cv").exists()
+
+
 @pytest.mark.slow
 def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(phantom_subjects, tmp_path):
     root = Path(phantom_subjects[0].paths["source"]).parents[2]

@@ -51,12 +51,14 @@ def main(argv=None) -> int:
         print(cv.compare({label: Path(d) / "cv.json" for label, d in reports.items()}))
         return 0
     config = PRESETS[args.preset].replace(**flags.config_overrides(args))
-    subjects = data.load_subjects(args.data or data.ensure_phantom_dataset(), source=config.source,
-                                  target=config.target)
-    groups = cv.source_groups([s.id for s in subjects], args.groups)
+    root = args.data or data.ensure_phantom_dataset()
+    entries = data.find_subjects(root, data.source_names(config.source) + [config.target])
+    groups = cv.source_groups([e["id"] for e in entries], args.groups)
     if len(groups) < 2:
         raise ValueError(f"all subjects form one source ({', '.join(groups[0])}): cross-validation needs two or "
                          "more; pass --groups")
+    cv.check_no_leak(config, groups)  # before loading the volumes, so the error comes at once
+    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     out = Path(args.out)
     cv.run_cv(subjects, groups, config, out, baselines=args.baselines,
               baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines",
