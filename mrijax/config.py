@@ -18,6 +18,7 @@ from mrijax.models import VARIANTS
 
 LOSSES = ("all", "brain")
 ANCHORS = ("none", "lut")
+AUGMENTS = ("none", "all", "resolution")
 
 
 def _field(default, help: str, **extra):
@@ -51,8 +52,9 @@ class TrainConfig:
     anchor: str = _field("none", "lut: the network gets the global intensity look-up table's output (fitted on "
                          "the training subjects, stored in the model) as a second input channel and predicts a "
                          "correction to it, starting from the LUT itself", choices=ANCHORS)
-    augment: bool = _field(False, "augmentation: random source-contrast changes (intensity curve, contrast, bias "
-                           "field, noise, blur or thick slices); the target is untouched")
+    augment: str = _field("none", "augmentation of the source image, the target untouched: all = random intensity "
+                          "curve, contrast, bias field, noise, blur or thick slices; resolution = blur or thick "
+                          "slices only", choices=AUGMENTS)
     init_from: str | None = _field(None, "warm start (fine-tuning): a model directory or shipped name; fresh "
                                    "optimizer", metavar="MODEL")
     max_steps_per_epoch: int | None = _field(None, "cap on steps per epoch (smoke runs)")
@@ -63,6 +65,8 @@ class TrainConfig:
         return self.patch_step or self.crop
 
     def __post_init__(self):
+        if isinstance(self.augment, bool):  # cards written before `augment` named a family: true = all
+            object.__setattr__(self, "augment", "all" if self.augment else "none")
         for field in dataclasses.fields(self):
             choices = field.metadata.get("choices")
             if choices and getattr(self, field.name) not in choices:

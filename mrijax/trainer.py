@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mrijax import checkpoint, data, models, training
 from mrijax.config import TrainConfig
-from mrijax.data.augment import AugmentConfig
+from mrijax.data.augment import augment_config
 
 
 def split_subjects(subjects, val_subjects, train_subjects: int | None = None):
@@ -194,7 +194,7 @@ class Trainer:
         self.local_batch = config.batch_size // n_proc
         self.out_shape = (config.crop,) * 3
         self.in_shape = models.input_shape(self.variant, config.crop)
-        self.augment = AugmentConfig() if config.augment else None
+        self.augment = augment_config(config.augment)
         # Training reads mirrored copies too when augmenting; `train_subjects` stays the real ones (metadata).
         self.fit_subjects = list(train_subjects) + ([data.mirrored(s) for s in train_subjects] if config.flip else [])
         self.train_records = data.patch_records(self.fit_subjects, config.step)

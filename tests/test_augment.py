@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from mrijax.data.augment import AugmentConfig, augment_source, thick_slices
+from mrijax.config import TrainConfig
+from mrijax.data.augment import AugmentConfig, augment_config, augment_source, thick_slices
 
 BRAIN_MEAN = 1 / 3  # of a normalised volume (preprocessing.normalise): the pivot of the intensity curves
 
@@ -366,3 +367,31 @@ def test_augment_source_thick_slices_along_exactly_one_random_axis():
         roughness = [np.abs(np.diff(out, axis=a)[inside[a]]).mean() for a in range(3)]
         assert np.argmin(roughness) == axis
     assert seen_axes == {0, 1, 2} and seen_factors == {2, 3, 4}
+
+
+def test_resolution_augmentation_changes_resolution_only():
+    """`--augment resolution` keeps intensities: a uniform brain interior stays uniform (blur and thick slices
+    average it), while `all` changes it on some patch; both draw resolution changes."""
+    shape = (24, 24, 24)
+    uniform = np.zeros(shape, np.float32)
+    uniform[2:-2, 2:-2, 2:-2] = 0.3
+    interior = np.s_[8:-8, 8:-8, 8:-8]
+    resolution, everything = augment_config("resolution"), augment_config("all")
+    assert augment_config("none") is None and everything == AugmentConfig()
+    assert (resolution.blur_prob, resolution.thick_slice_prob) == (everything.blur_prob, everything.thick_slice_prob)
+    patch = all_brain(shape, seed=1)
+    changed = 0
+    for seed in range(12):
+        np.testing.assert_allclose(augment_source(uniform, np.random.default_rng(seed), resolution)[interior], 0.3,
+                                   rtol=1e-5)
+        changed += not np.array_equal(augment_source(patch, np.random.default_rng(seed), resolution), patch)
+    assert changed >= 3  # blur or thick slices drawn on about half the patches
+    assert any(np.abs(augment_source(uniform, np.random.default_rng(seed), everything)[interior] - 0.3).max() > 1e-3
+               for seed in range(12))
+
+
+def test_augment_names_a_family_and_older_cards_booleans_still_read():
+    assert TrainConfig(augment=True).augment == "all" and TrainConfig(augment=False).augment == "none"
+    assert TrainConfig(augment="resolution").augment == "resolution"
+    with pytest.raises(ValueError, match="augment 'some'"):
+        TrainConfig(augment="some")

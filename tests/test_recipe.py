@@ -103,7 +103,7 @@ def test_flip_averaging_is_the_mean_of_the_two_passes(phantom_subjects):
 def test_anchored_brain_loss_augmented_run_resumes_exactly_and_exports_its_table(phantom_subjects, tmp_path):
     def run(workdir, epochs):
         config = PRESETS["smoke"].replace(variant="narrow", epochs=epochs, max_steps_per_epoch=2, max_val_batches=1,
-                                          anchor="lut", loss="brain", augment=True, jitter=4)
+                                          anchor="lut", loss="brain", augment="all", jitter=4)
         train, val = split_subjects(phantom_subjects, 1)
         return Trainer(config, train, val, workdir, progress=False, log=lambda *a: None)
 

@@ -107,6 +107,19 @@ class AugmentConfig:
                              f"got {factors!r}")
 
 
+def augment_config(name: str) -> AugmentConfig | None:
+    """The augmentation a training config names (`TrainConfig.augment`): none, all families, or only the changes of
+    resolution (blur or thick slices, with the same probabilities as in "all"), which imitate clinical 2D scans
+    without changing the intensity relation the network learns."""
+    if name == "none":
+        return None
+    if name == "all":
+        return AugmentConfig()
+    if name == "resolution":
+        return AugmentConfig(gamma_prob=0.0, curve_prob=0.0, contrast_prob=0.0, bias_prob=0.0, noise_prob=0.0)
+    raise ValueError(f"augment {name!r}: choose none, all or resolution")
+
+
 def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float], size=None):
     low, high = bounds
     return np.exp(rng.uniform(math.log(low), math.log(high), size))
