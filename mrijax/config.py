@@ -21,6 +21,11 @@ ANCHORS = ("none", "lut")
 AUGMENTS = ("none", "all", "resolution")
 
 
+def augment_name(value) -> str:
+    """`augment` as a family name; cards and checkpoints written before it named one hold a boolean (true = all)."""
+    return ("all" if value else "none") if isinstance(value, bool) else value
+
+
 def _field(default, help: str, **extra):
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
@@ -65,8 +70,7 @@ class TrainConfig:
         return self.patch_step or self.crop
 
     def __post_init__(self):
-        if isinstance(self.augment, bool):  # cards written before `augment` named a family: true = all
-            object.__setattr__(self, "augment", "all" if self.augment else "none")
+        object.__setattr__(self, "augment", augment_name(self.augment))
         for field in dataclasses.fields(self):
             choices = field.metadata.get("choices")
             if choices and getattr(self, field.name) not in choices:

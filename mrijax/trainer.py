@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mrijax import checkpoint, data, models, training
-from mrijax.config import TrainConfig
+from mrijax.config import TrainConfig, augment_name
 from mrijax.data.augment import augment_config
 
 
@@ -119,6 +119,7 @@ IDENTITY_LABELS = {"data": "another data folder", "train_subjects": "other train
 def run_defining(config: dict) -> dict:
     """The settings a resumed run must share with the stored one (fields added since count at their default)."""
     full = {**TrainConfig().to_dict(), **config}
+    full["augment"] = augment_name(full["augment"])
     return {k: v for k, v in full.items() if k not in RESUMABLE_CHANGES}
 
 

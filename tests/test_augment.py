@@ -395,3 +395,10 @@ def test_augment_names_a_family_and_older_cards_booleans_still_read():
     assert TrainConfig(augment="resolution").augment == "resolution"
     with pytest.raises(ValueError, match="augment 'some'"):
         TrainConfig(augment="some")
+    from mrijax.trainer import check_resume, run_defining
+
+    stored = {"config": {**TrainConfig().to_dict(), "augment": False}}  # a checkpoint of before
+    assert run_defining(stored["config"]) == run_defining(TrainConfig().to_dict())
+    check_resume(stored, {"config": TrainConfig().to_dict()}, "run")
+    with pytest.raises(ValueError, match="augment none -> resolution"):
+        check_resume(stored, {"config": TrainConfig(augment="resolution").to_dict()}, "run")
