@@ -342,10 +342,21 @@ def test_malformed_input_is_one_error_line_naming_the_file_once(tmp_path, tiny_m
 
 
 def test_bench_pure_parts():
-    info = bench.cpu_info("model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile sse\n")
+    info = cli.cpu_info("model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile sse\n")
     assert info == {"cpu": "Some Xeon", "cpu_flags": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f"]}
     done = bench.summary({"mrijax": [2.0, 3.0, 9.0], "pytorch_float32": [4.0, 3.0, 3.0]}, "x_per_s")
     assert done["ratio_over_pytorch_float32"] == [0.5, 1.0, 3.0] and done["median_ratio_over_pytorch_float32"] == 1.0
+
+
+def test_bf16_note_only_where_bf16_has_no_units():
+    """bf16 is emulated (slower than f32) on x86 CPUs with neither AVX-512 bf16 nor AMX: the commands say so."""
+    avx2 = cli.cpu_info("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n")
+    note = cli.slow_bf16_note("bfloat16", avx2)
+    assert note.startswith("note: this CPU (AMD EPYC) has no bf16 units") and "float32" in note
+    assert cli.slow_bf16_note("float32", avx2) is None
+    for flags in ("avx2 avx512f avx512_bf16", "avx2 amx_bf16 amx_tile"):
+        assert cli.slow_bf16_note("bfloat16", cli.cpu_info(f"model name\t: X\nflags\t\t: {flags}\n")) is None
+    assert cli.slow_bf16_note("bfloat16", cli.cpu_info("Features\t: fp asimd bf16\n")) is None  # no x86 flags
 
 
 def test_bench_rounds_alternate_mrijax_and_the_reference(tmp_path):

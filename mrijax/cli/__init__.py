@@ -5,6 +5,8 @@ them); their shared flags live in `mrijax.cli.flags`.
 from __future__ import annotations
 
 import os
+import platform
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +15,39 @@ from pathlib import Path
 HUGE_PAGES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295:glibc.malloc.arena_max=1"
 # jemalloc, when installed: huge pages, and freed memory never handed back to the OS (reused by the next step).
 JEMALLOC_CONF = "thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+CPU_FLAGS = re.compile(r"^(amx\w*|avx512_bf16|avx512f|avx2)$")  # what decides bf16 / f32 product speed
+BF16_UNITS = ("avx512_bf16", "amx_bf16")  # without either, XLA converts bf16 in software: slower than f32
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """CPU model and the flags that decide product speed (AMX tiles, AVX-512 bf16), from /proc/cpuinfo text
+    (read from this machine when None)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    found = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return {"cpu": model, "cpu_flags": sorted(f for f in set(found) if CPU_FLAGS.match(f))}
+
+
+def slow_bf16_note(dtype: str, cpu: dict | None = None) -> str | None:
+    """A note when `--dtype bfloat16` was asked for on an x86 CPU without bf16 units (RESULTS.md: slower than
+    float32 there); None otherwise, and on CPUs whose flags /proc/cpuinfo does not list."""
+    cpu = cpu_info() if cpu is None else cpu
+    if dtype != "bfloat16" or not cpu["cpu_flags"] or set(BF16_UNITS) & set(cpu["cpu_flags"]):
+        return None
+    return (f"note: this CPU ({cpu['cpu']}) has no bf16 units ({' or '.join(BF16_UNITS)}), so --dtype bfloat16 "
+            "runs slower than the default float32 here")
+
+
+def warn_slow_bf16(dtype: str) -> None:
+    note = slow_bf16_note(dtype)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def find_jemalloc() -> str | None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -33,7 +31,6 @@ from mrijax.cli import flags
 TORCH_REFERENCE = os.environ.get("MRIJAX_TORCH_CAE", os.path.join(cli.output_root().parent, "shared", "bench",
                                                                   "torch_cae.py"))
 TORCH_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}  # torch_cae.py's names
-CPU_FLAGS = re.compile(r"^(amx\w*|avx512_bf16|avx512f|avx2)$")  # what decides bf16 / f32 product speed
 METRIC = {"train": "train_patches_per_s", "infer": "output_voxels_per_s", "synthesize": "voxels_per_s"}
 
 
@@ -73,14 +70,6 @@ def parse_args(argv=None):
     return args
 
 
-def cpu_info(cpuinfo: str) -> dict:
-    """CPU model and the flags that decide product speed (AMX tiles, AVX-512 bf16), from /proc/cpuinfo text."""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    found = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return {"cpu": model, "cpu_flags": sorted(f for f in set(found) if CPU_FLAGS.match(f))}
-
-
 def allocator() -> str:
     """Which allocator this process runs with (see mrijax.cli.tune_malloc)."""
     if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
@@ -91,11 +80,7 @@ def allocator() -> str:
 def machine_info() -> dict:
     import jax
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = cpu_info(f.read())
-    except OSError:
-        cpu = cpu_info("")
+    cpu = cli.cpu_info()
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
             **cpu, "cores": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "allocator": allocator()}
 

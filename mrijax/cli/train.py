@@ -37,6 +37,7 @@ def main(argv=None):
     from mrijax.config import PRESETS
 
     config = PRESETS[args.preset].replace(**flags.config_overrides(args))
+    cli.warn_slow_bf16(config.compute_dtype)
     cli.init_distributed(args)
     from mrijax import checkpoint, data, trainer
 
