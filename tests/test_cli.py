@@ -359,6 +359,17 @@ def test_bf16_note_only_where_bf16_has_no_units():
     assert cli.slow_bf16_note("bfloat16", cli.cpu_info("Features\t: fp asimd bf16\n")) is None  # no x86 flags
 
 
+def test_every_dtype_flag_gives_the_bf16_note_where_it_applies(monkeypatch, capsys):
+    """The note comes from the --dtype flag itself, so every command that has it says it, once, and only for bf16."""
+    monkeypatch.setattr(cli, "cpu_info", lambda cpuinfo=None: {"cpu": "Old x86", "cpu_flags": ["avx2"]})
+    for parse in (train.parse_args, infer.parse_args):
+        assert flags.config_value(parse(["--dtype", "bfloat16"]), "compute_dtype") == "bfloat16"
+        assert capsys.readouterr().err.count("note: this CPU (Old x86) has no bf16 units") == 1
+        parse(["--dtype", "float32"])
+        parse([])
+        assert capsys.readouterr().err == ""
+
+
 def test_bench_rounds_alternate_mrijax_and_the_reference(tmp_path):
     """--rounds N --compare: mrijax, then each PyTorch dtype, N times; a summary with per-round values and the
     median ratios. A stand-in reference (fixed speeds per dtype) makes the ratios checkable."""

@@ -44,12 +44,6 @@ def slow_bf16_note(dtype: str, cpu: dict | None = None) -> str | None:
             "runs slower than the default float32 here")
 
 
-def warn_slow_bf16(dtype: str) -> None:
-    note = slow_bf16_note(dtype)
-    if note:
-        print(note, file=sys.stderr)
-
-
 def find_jemalloc() -> str | None:
     """The jemalloc shared library to preload: $MRIJAX_JEMALLOC if it names a file ("0": none), else the
     system's (e.g. Debian/Ubuntu `apt install libjemalloc2`), else None."""

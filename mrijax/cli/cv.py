@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mrijax import cli
 from mrijax.cli import flags
 
 
@@ -52,7 +51,6 @@ def main(argv=None) -> int:
         print(cv.compare({label: Path(d) / "cv.json" for label, d in reports.items()}))
         return 0
     config = PRESETS[args.preset].replace(**flags.config_overrides(args))
-    cli.warn_slow_bf16(config.compute_dtype)
     root = args.data or data.ensure_phantom_dataset()
     entries = data.find_subjects(root, data.source_names(config.source) + [config.target])
     groups = cv.source_groups([e["id"] for e in entries], args.groups)

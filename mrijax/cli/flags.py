@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 
+from mrijax import cli
 from mrijax.config import PRESETS, TrainConfig
 
 # Bounds a given flag must respect; the checks run on the parsed value, before any data is loaded.
@@ -28,6 +30,18 @@ CHECKS = {
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
+
+
+def _dtype(text: str) -> str:
+    """--dtype's parser: says so when bfloat16 is asked for on a CPU where it runs slower than float32."""
+    note = cli.slow_bf16_note(text)
+    if note:
+        print(note, file=sys.stderr)
+    return text
+
+
+# Parsers of flags whose value needs more than its type (applied where the flag is given).
+TYPES = {"compute_dtype": _dtype}
 
 
 def _comma_tuple(text: str) -> tuple[str, ...]:
@@ -46,7 +60,7 @@ def _argument(field: dataclasses.Field, hint) -> tuple[str, dict]:
     elif typing.get_origin(hint) is tuple:
         kwargs.update(type=_comma_tuple, metavar="A,B,...")
     else:
-        kwargs["type"] = hint
+        kwargs["type"] = TYPES.get(field.name, hint)
     for key in ("choices", "metavar"):
         if key in meta:
             kwargs[key] = meta[key]

@@ -160,9 +160,8 @@ def build_method(args, source, target):
 
     if args.method == "cae":
         tile = methods.DEFAULT_TILE if args.tile is None else args.tile
-        dtype = flags.config_value(args, "compute_dtype")
-        cli.warn_slow_bf16(dtype)
-        return methods.CAEMethod(args.checkpoint, compute_dtype=dtype, tile=tile, flip=args.tta)
+        return methods.CAEMethod(args.checkpoint, compute_dtype=flags.config_value(args, "compute_dtype"), tile=tile,
+                                 flip=args.tta)
     atlas = data.load_subjects(args.atlas, source=source, target=target)
     return methods.mimecs_method(atlas) if args.method == "mimecs" else methods.lut_method(atlas)
 

@@ -44,7 +44,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     overrides = flags.config_overrides(args)
-    cli.warn_slow_bf16(flags.config_value(args, "compute_dtype"))
     from mrijax import data, studies
 
     epochs = overrides.pop("epochs", None)  # run_study's own argument

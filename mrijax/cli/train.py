@@ -37,7 +37,6 @@ def main(argv=None):
     from mrijax.config import PRESETS
 
     config = PRESETS[args.preset].replace(**flags.config_overrides(args))
-    cli.warn_slow_bf16(config.compute_dtype)
     cli.init_distributed(args)
     from mrijax import checkpoint, data, trainer
 
