@@ -402,3 +402,97 @@ def test_augment_names_a_family_and_older_cards_booleans_still_read():
     check_resume(stored, {"config": TrainConfig().to_dict()}, "run")
     with pytest.raises(ValueError, match="augment none -> resolution"):
         check_resume(stored, {"config": TrainConfig(augment="resolution").to_dict()}, "run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Skull-strip variation: the brain mask drawn tighter, in source, target and mask alike
+
+
+def stripped_sample(in_size=20, out_size=8, channels=2, seed=0) -> dict:
+    """A sample as the pipeline cuts it: a skull-stripped ellipsoid brain in the source block, the output block
+    (target, mask) its centre."""
+    brain = brain_patch((in_size,) * 3, seed=seed) != 0
+    rng = np.random.default_rng(seed)
+    source = np.where(brain[..., None], rng.uniform(0.1, 0.9, (in_size,) * 3 + (channels,)), 0).astype(np.float32)
+    inner = np.s_[(in_size - out_size) // 2:(in_size - out_size) // 2 + out_size]
+    centre = brain[inner, inner, inner][..., None]
+    target = np.where(centre, rng.uniform(0.1, 0.9, centre.shape), 0).astype(np.float32)
+    return {"source": source, "target": target, "mask": centre.astype(np.float32)}
+
+
+def eroded_reference(brain: np.ndarray, radius: int) -> np.ndarray:
+    """Voxels whose every neighbour within city-block distance `radius` is brain, beyond the block counting as
+    brain: `radius` erosions with the 6-neighbourhood, written as a loop over offsets."""
+    padded = np.pad(brain, radius, constant_values=True)
+    kept = np.ones_like(brain)
+    n = brain.shape
+    for offset in itertools.product(range(-radius, radius + 1), repeat=3):
+        if sum(map(abs, offset)) <= radius:
+            kept &= padded[tuple(slice(radius + o, radius + o + s) for o, s in zip(offset, n))]
+    return kept
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_strip_edge_erodes_source_target_and_mask_alike(radius):
+    from mrijax.data.augment import strip_edge
+
+    sample = stripped_sample()
+    original = {k: v.copy() for k, v in sample.items()}
+    out = strip_edge(sample, radius)
+    kept = eroded_reference(np.any(sample["source"] != 0, axis=-1), radius)
+    inner = kept[6:14, 6:14, 6:14][..., None]
+    np.testing.assert_array_equal(out["source"], np.where(kept[..., None], sample["source"], 0))
+    np.testing.assert_array_equal(out["target"], np.where(inner, sample["target"], 0))
+    np.testing.assert_array_equal(out["mask"], np.where(inner, sample["mask"], 0))
+    assert 0 < out["mask"].sum() < sample["mask"].sum()  # this brain reaches the output block's edge: some eroded
+    assert all(out[k].dtype == np.float32 for k in out)
+    for k in sample:  # the input is not modified
+        np.testing.assert_array_equal(sample[k], original[k])
+
+
+def test_strip_edge_keeps_a_block_that_is_brain_to_its_faces():
+    from mrijax.data.augment import strip_edge
+
+    full = {"source": all_brain((12, 12, 12, 1), seed=2), "target": all_brain((4, 4, 4, 1), seed=3),
+            "mask": np.ones((4, 4, 4, 1), np.float32)}
+    out = strip_edge(full, 3)
+    for k in full:
+        np.testing.assert_array_equal(out[k], full[k])
+
+
+def test_strip_family_strips_half_the_samples_keeps_the_contrast_and_is_deterministic():
+    from mrijax.data.patches import _AugmentSample
+
+    config = augment_config("strip")
+    assert config.strip_prob == 0.5 and AugmentConfig().strip_prob == 0.0
+    assert TrainConfig(augment="strip").augment == "strip"
+    sample = stripped_sample(channels=1)
+    stripped = 0
+    for seed in range(16):
+        out = _AugmentSample(config)(sample, np.random.default_rng(seed))
+        again = _AugmentSample(config)(sample, np.random.default_rng(seed))
+        for k in sample:
+            np.testing.assert_array_equal(out[k], again[k])
+            kept = out[k] != 0
+            np.testing.assert_array_equal(out[k][kept], sample[k][kept])  # values kept where not eroded
+        stripped += not np.array_equal(out["mask"], sample["mask"])
+    assert 3 <= stripped <= 13
+
+
+def test_the_contrast_families_draw_nothing_for_the_mask():
+    """With strip_prob 0 the sample's generator is used exactly as by `augment_source` alone, so runs with
+    `--augment all` draw the same augmentation as before the skull-strip variation existed."""
+    from mrijax.data.patches import _AugmentSample
+
+    sample = stripped_sample(channels=1)
+    first, second = np.random.default_rng(7), np.random.default_rng(7)
+    out = _AugmentSample(AugmentConfig())(sample, first)
+    np.testing.assert_array_equal(out["source"], augment_source(sample["source"], second))
+    np.testing.assert_array_equal(out["mask"], sample["mask"])
+    assert first.uniform() == second.uniform()
+
+
+@pytest.mark.parametrize("strip_range", [(0, 2), (3, 2), (1.5, 2), (1,)])
+def test_invalid_strip_range_is_a_value_error(strip_range):
+    with pytest.raises(ValueError, match="strip_range"):
+        AugmentConfig(strip_range=strip_range)

@@ -69,7 +69,7 @@ def test_patches_stack_the_sources_as_channels_and_augment_each(two_source_subje
         assert not np.array_equal(augmented["source"][..., channel], batch["source"][..., channel])
     # with its own draw: a sample whose two channels are the same image comes out with two different images
     twin = {**batch, "source": np.repeat(batch["source"][0, ..., :1], 2, axis=-1)}
-    changed = patches._AugmentSource(AugmentConfig())(twin, np.random.default_rng(3))["source"]
+    changed = patches._AugmentSample(AugmentConfig())(twin, np.random.default_rng(3))["source"]
     assert not np.array_equal(changed[..., 0], changed[..., 1])
 
 

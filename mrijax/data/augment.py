@@ -21,6 +21,12 @@ brain is where the patch is non-zero) and applies, each with its own probability
    (`thick_slices`: average over blocks of k voxels, then linear interpolation back to the grid);
 5. gaussian noise.
 
+Beside the source contrast, `strip_edge` varies the skull stripping: brain masks from different tools and sites
+differ by a few voxels at the brain edge (one includes a rim of CSF, another cuts into the cortex), so where the
+mask ends says nothing reliable about the T2w intensity just inside it. With probability `strip_prob` a training
+sample's brain is eroded by a few voxels, in source, target and mask alike (as if its mask had been drawn
+tighter), so the network cannot learn one site's mask edge as anatomy.
+
 Each transform works on the brain values clipped at 0 and brain voxels come out finite and >= 0; the
 background is set back to exactly 0 at the end. A patch that draws no transform comes back unchanged. All
 randomness comes from the `rng` passed in, so a generator seeded from (seed, epoch, record) reproduces it.
@@ -81,10 +87,12 @@ class AugmentConfig:
     blur_range: tuple[float, float] = (0.0, 1.0)  # gaussian s.d. in voxels
     thick_slice_prob: float = 0.25
     thick_slice_factors: tuple[int, ...] = (2, 3, 4)  # voxels per simulated slice, one drawn uniformly
+    strip_prob: float = 0.0  # skull-strip variation (`strip_edge`), on the whole sample: off in "all"
+    strip_range: tuple[int, int] = (1, 3)  # voxels of erosion, an integer drawn uniformly (both ends included)
 
     def __post_init__(self):
         for field in ("gamma_prob", "curve_prob", "contrast_prob", "bias_prob", "noise_prob", "blur_prob",
-                      "thick_slice_prob"):
+                      "thick_slice_prob", "strip_prob"):
             _check_probability(field, getattr(self, field))
         if self.blur_prob + self.thick_slice_prob > 1.0:
             raise ValueError(f"AugmentConfig.blur_prob + thick_slice_prob must be <= 1 (one resolution change per "
@@ -105,19 +113,27 @@ class AugmentConfig:
         if not (isinstance(factors, tuple) and factors and all(isinstance(k, int) and k >= 1 for k in factors)):
             raise ValueError(f"AugmentConfig.thick_slice_factors must be a non-empty tuple of integers >= 1, "
                              f"got {factors!r}")
+        low, high = self.strip_range if isinstance(self.strip_range, tuple) and len(self.strip_range) == 2 else (0, -1)
+        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+            raise ValueError(f"AugmentConfig.strip_range must be an ordered (low, high) pair of integers >= 1, "
+                             f"got {self.strip_range!r}")
 
 
 def augment_config(name: str) -> AugmentConfig | None:
-    """The augmentation a training config names (`TrainConfig.augment`): none, all families, or only the changes of
-    resolution (blur or thick slices, with the same probabilities as in "all"), which imitate clinical 2D scans
-    without changing the intensity relation the network learns."""
+    """The augmentation a training config names (`TrainConfig.augment`): none; all source-contrast families; only
+    the changes of resolution (blur or thick slices, with the same probabilities as in "all"), which imitate
+    clinical 2D scans without changing the intensity relation the network learns; or only the skull-strip
+    variation (`strip_edge` on half of the samples), the source contrast untouched."""
     if name == "none":
         return None
     if name == "all":
         return AugmentConfig()
+    no_contrast = dict(gamma_prob=0.0, curve_prob=0.0, contrast_prob=0.0, bias_prob=0.0, noise_prob=0.0)
     if name == "resolution":
-        return AugmentConfig(gamma_prob=0.0, curve_prob=0.0, contrast_prob=0.0, bias_prob=0.0, noise_prob=0.0)
-    raise ValueError(f"augment {name!r}: choose none, all or resolution")
+        return AugmentConfig(**no_contrast)
+    if name == "strip":
+        return AugmentConfig(**no_contrast, blur_prob=0.0, thick_slice_prob=0.0, strip_prob=0.5)
+    raise ValueError(f"augment {name!r}: choose none, all, resolution or strip")
 
 
 def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float], size=None):
@@ -245,3 +261,24 @@ def _augment(x: np.ndarray, brain: np.ndarray, rng: np.random.Generator, config:
         sigma = np.float32(rng.uniform(*config.noise_range))
         x = clean(x) + sigma * rng.standard_normal(x.shape, dtype=np.float32)
     return x if x is original else clean(x)
+
+
+def strip_edge(sample: dict, radius: int) -> dict:
+    """The training sample as if its brain mask had been drawn `radius` voxels tighter.
+
+    `sample` holds "source" (D, H, W, C), and "target" and "mask" (d, h, w, 1), the output block centred in
+    the input block (as `patches.extract_patch` cuts them). The brain of the source block (voxels where any
+    source is non-zero) is eroded `radius` times with the 6-neighbourhood; voxels on the block's faces count
+    as having brain beyond them (a block edge is not a brain edge). Source, target and mask are set to 0
+    where the eroded brain is not; everything else is kept bit for bit. Returns a new dict.
+    """
+    source, target, mask = sample["source"], sample["target"], sample["mask"]
+    brain = np.any(source != 0, axis=-1)
+    kept = ndimage.binary_erosion(brain, ndimage.generate_binary_structure(3, 1), iterations=int(radius),
+                                  border_value=1)
+    start = [(n - m) // 2 for n, m in zip(source.shape[:3], target.shape[:3])]
+    inner = kept[tuple(slice(a, a + m) for a, m in zip(start, target.shape[:3]))][..., None]
+    zero = np.float32(0.0)
+    return {**sample, "source": np.where(kept[..., None], source, zero).astype(source.dtype),
+            "target": np.where(inner, target, zero).astype(target.dtype),
+            "mask": np.where(inner, mask, zero).astype(mask.dtype)}

@@ -14,7 +14,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from mrijax.data.augment import augment_source
+from mrijax.data.augment import augment_source, strip_edge
 from mrijax.data.io import DataError
 
 
@@ -108,10 +108,11 @@ class _CutPatches:
         }
 
 
-class _AugmentSource:
-    """Random source-contrast change of one sample (grain's `random_map`: the generator is seeded by the
-    dataset seed and the element's index, so an epoch's augmentation is a pure function of (seed, epoch)).
-    Each source contrast gets its own draw: scanners change each sequence's contrast differently."""
+class _AugmentSample:
+    """Random source-contrast change of one sample, then (when the config asks) a tighter brain mask (grain's
+    `random_map`: the generator is seeded by the dataset seed and the element's index, so an epoch's augmentation
+    is a pure function of (seed, epoch)). Each source contrast gets its own draw: scanners change each sequence's
+    contrast differently; the mask is one for all."""
 
     def __init__(self, config):
         self.config = config
@@ -119,7 +120,10 @@ class _AugmentSource:
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         source = sample["source"]
         channels = [augment_source(source[..., c:c + 1], rng, self.config) for c in range(source.shape[-1])]
-        return {**sample, "source": np.concatenate(channels, axis=-1)}
+        sample = {**sample, "source": np.concatenate(channels, axis=-1)}
+        if self.config.strip_prob > 0 and rng.uniform() < self.config.strip_prob:  # no draw when off: "all" as before
+            sample = strip_edge(sample, int(rng.integers(self.config.strip_range[0], self.config.strip_range[1] + 1)))
+        return sample
 
 
 def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int], *,
@@ -128,7 +132,7 @@ def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[in
     """One epoch of batches {"source": (B, *in_shape, sources), "target", "mask": (B, *out_shape, 1)} float32.
 
     A `grain.MapDataset`: records -> shuffle (seed from (seed, epoch)) -> this process's shard -> cut patches
-    -> augment the source (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch. Shards are
+    -> augment the source and the mask edge (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch. Shards are
     strided slices of the same shuffled order, so they are disjoint; with
     `drop_remainder` the order is first truncated to a multiple of `shard_count` so every shard yields the
     same number of batches (`num_batches`). `num_threads > 0` returns a prefetching `IterDataset` instead.
@@ -147,7 +151,7 @@ def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[in
     dataset = dataset[shard_index::shard_count]
     dataset = dataset.map(_CutPatches(subjects, in_shape, out_shape))
     if augment is not None:
-        dataset = dataset.random_map(_AugmentSource(augment),
+        dataset = dataset.random_map(_AugmentSample(augment),
                                      seed=epoch_seed(seed + 2, epoch * max(shard_count, 1) + shard_index) % 2**32)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if num_threads > 0:
