@@ -57,9 +57,9 @@ class TrainConfig:
     anchor: str = _field("none", "lut: the network gets the global intensity look-up table's output (fitted on "
                          "the training subjects, stored in the model) as a second input channel and predicts a "
                          "correction to it, starting from the LUT itself", choices=ANCHORS)
-    augment: str = _field("none", "augmentation of the source image, the target untouched: all = random intensity "
-                          "curve, contrast, bias field, noise, blur or thick slices; resolution = blur or thick "
-                          "slices only; strip = the brain mask eroded by 1-3 voxels (source, target and mask) on half "
+    augment: str = _field("none", "training augmentation. Of the source image, the target untouched: all = random "
+                          "intensity curve, contrast, bias field, noise, blur or thick slices; resolution = blur or "
+                          "thick slices only. Of the skull stripping: strip = the brain mask eroded by 1-3 voxels (source, target and mask) on half "
                           "of the samples, as other skull-stripping tools would draw it", choices=AUGMENTS)
     init_from: str | None = _field(None, "warm start (fine-tuning): a model directory or shipped name; fresh "
                                    "optimizer", metavar="MODEL")
