@@ -360,11 +360,14 @@ def test_bf16_note_only_where_bf16_has_no_units():
 
 
 def test_every_dtype_flag_gives_the_bf16_note_where_it_applies(monkeypatch, capsys):
-    """The note comes from the --dtype flag itself, so every command that has it says it, once, and only for bf16."""
+    """The note comes from the --dtype flag itself, so every command that has it says it, once, and only for bf16;
+    once per process tree: a command that re-executes itself (bench --hugepages) parses its flags again."""
     monkeypatch.setattr(cli, "cpu_info", lambda cpuinfo=None: {"cpu": "Old x86", "cpu_flags": ["avx2"]})
     for parse in (train.parse_args, infer.parse_args):
+        monkeypatch.setenv(flags.BF16_NOTED, "0")  # a fresh command (restored after the test)
         assert flags.config_value(parse(["--dtype", "bfloat16"]), "compute_dtype") == "bfloat16"
         assert capsys.readouterr().err.count("note: this CPU (Old x86) has no bf16 units") == 1
+        parse(["--dtype", "bfloat16"])  # as after a re-exec, which inherits the environment
         parse(["--dtype", "float32"])
         parse([])
         assert capsys.readouterr().err == ""
