@@ -59,8 +59,9 @@ class TrainConfig:
                          "correction to it, starting from the LUT itself", choices=ANCHORS)
     augment: str = _field("none", "training augmentation. Of the source image, the target untouched: all = random "
                           "intensity curve, contrast, bias field, noise, blur or thick slices; resolution = blur or "
-                          "thick slices only. Of the skull stripping: strip = the brain mask eroded by 1-3 voxels (source, target and mask) on half "
-                          "of the samples, as other skull-stripping tools would draw it", choices=AUGMENTS)
+                          "thick slices only. Of the skull stripping: strip = the brain mask eroded by 1-3 voxels "
+                          "(source, target and mask) on half of the samples, as other skull-stripping tools would "
+                          "draw it", choices=AUGMENTS)
     init_from: str | None = _field(None, "warm start (fine-tuning): a model directory or shipped name; fresh "
                                    "optimizer", metavar="MODEL")
     max_steps_per_epoch: int | None = _field(None, "cap on steps per epoch (smoke runs)")

@@ -113,10 +113,9 @@ class AugmentConfig:
         if not (isinstance(factors, tuple) and factors and all(isinstance(k, int) and k >= 1 for k in factors)):
             raise ValueError(f"AugmentConfig.thick_slice_factors must be a non-empty tuple of integers >= 1, "
                              f"got {factors!r}")
-        low, high = self.strip_range if isinstance(self.strip_range, tuple) and len(self.strip_range) == 2 else (0, -1)
-        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
-            raise ValueError(f"AugmentConfig.strip_range must be an ordered (low, high) pair of integers >= 1, "
-                             f"got {self.strip_range!r}")
+        _check_range("strip_range", self.strip_range, minimum=1)
+        if not all(isinstance(v, int) for v in self.strip_range):
+            raise ValueError(f"AugmentConfig.strip_range must hold integers (voxels), got {self.strip_range!r}")
 
 
 def augment_config(name: str) -> AugmentConfig | None:

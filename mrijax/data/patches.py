@@ -132,8 +132,8 @@ def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[in
     """One epoch of batches {"source": (B, *in_shape, sources), "target", "mask": (B, *out_shape, 1)} float32.
 
     A `grain.MapDataset`: records -> shuffle (seed from (seed, epoch)) -> this process's shard -> cut patches
-    -> augment the source and the mask edge (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch. Shards are
-    strided slices of the same shuffled order, so they are disjoint; with
+    -> augment the source and the mask edge (`augment`: a `mrijax.data.augment.AugmentConfig`, or None) -> batch.
+    Shards are strided slices of the same shuffled order, so they are disjoint; with
     `drop_remainder` the order is first truncated to a multiple of `shard_count` so every shard yields the
     same number of batches (`num_batches`). `num_threads > 0` returns a prefetching `IterDataset` instead.
     """
