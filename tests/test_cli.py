@@ -361,16 +361,19 @@ def test_bf16_note_only_where_bf16_has_no_units():
 
 def test_every_dtype_flag_gives_the_bf16_note_where_it_applies(monkeypatch, capsys):
     """The note comes from the --dtype flag itself, so every command that has it says it, once, and only for bf16;
-    once per process tree: a command that re-executes itself (bench --hugepages) parses its flags again."""
+    not again in the process `tune_malloc` re-starts (bench --hugepages), which parses the same flags again."""
     monkeypatch.setattr(cli, "cpu_info", lambda cpuinfo=None: {"cpu": "Old x86", "cpu_flags": ["avx2"]})
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
     for parse in (train.parse_args, infer.parse_args):
-        monkeypatch.setenv(flags.BF16_NOTED, "0")  # a fresh command (restored after the test)
         assert flags.config_value(parse(["--dtype", "bfloat16"]), "compute_dtype") == "bfloat16"
         assert capsys.readouterr().err.count("note: this CPU (Old x86) has no bf16 units") == 1
-        parse(["--dtype", "bfloat16"])  # as after a re-exec, which inherits the environment
         parse(["--dtype", "float32"])
         parse([])
         assert capsys.readouterr().err == ""
+    monkeypatch.setenv("GLIBC_TUNABLES", cli.HUGE_PAGES)  # as tune_malloc marks the process it re-starts
+    assert cli.restarted()
+    train.parse_args(["--dtype", "bfloat16"])
+    assert capsys.readouterr().err == ""
 
 
 def test_bench_rounds_alternate_mrijax_and_the_reference(tmp_path):

@@ -57,6 +57,12 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
+def restarted() -> bool:
+    """Whether this process is the one `tune_malloc` re-started (its mark: `HUGE_PAGES` in GLIBC_TUNABLES), so it
+    has parsed its flags once before."""
+    return HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def tune_malloc() -> None:
     """Re-start this script once with a memory allocator suited to XLA (off with MRIJAX_HUGEPAGES=0).
 
@@ -70,9 +76,9 @@ def tune_malloc() -> None:
     """
     if not sys.platform.startswith("linux") or os.environ.get("MRIJAX_HUGEPAGES", "1") == "0":
         return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if HUGE_PAGES in tunables or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+    if restarted() or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
         return  # already restarted (or the user preloads jemalloc)
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
     env = dict(os.environ)
     jemalloc = find_jemalloc()
     if jemalloc:

@@ -32,15 +32,12 @@ CHECKS = {
 }
 
 
-BF16_NOTED = "MRIJAX_BF16_NOTED"  # set once the note is printed: a command that re-executes itself says it once
-
-
 def _dtype(text: str) -> str:
-    """--dtype's parser: says so when bfloat16 is asked for on a CPU where it runs slower than float32."""
-    note = cli.slow_bf16_note(text)
-    if note and os.environ.get(BF16_NOTED) != "1":
+    """--dtype's parser: says so when bfloat16 is asked for on a CPU where it runs slower than float32 (not again
+    in a process `cli.tune_malloc` re-started, which parses the same flags a second time)."""
+    note = None if cli.restarted() else cli.slow_bf16_note(text)
+    if note:
         print(note, file=sys.stderr)
-        os.environ[BF16_NOTED] = "1"
     return text
 
 
