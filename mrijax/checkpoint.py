@@ -5,11 +5,14 @@
   written atomically (orbax finalises a step directory only when it is complete).
 - A model for inference is just {"params", "batch_stats"} plus `model.json` (variant, contrasts, how it
   was trained and measured). Shipped models live in the repository's `ckpt/` folder in this format.
+- An ensemble is a folder of such models (`members/`) and a card listing them; it loads as a list of variables
+  dicts, whose predictions `mrijax.synthesize` averages.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -104,13 +107,51 @@ def read_card(name_or_path: str | os.PathLike | None = None) -> dict:
     return json.loads((resolve_model_dir(name_or_path) / "model.json").read_text())
 
 
-def load_model(name_or_path: str | os.PathLike | None = None) -> tuple[dict, dict]:
-    """(variables, meta) of an exported or shipped model, ready for `mrijax.synthesize`."""
+def load_model(name_or_path: str | os.PathLike | None = None) -> tuple[dict | list[dict], dict]:
+    """(variables, meta) of an exported or shipped model, ready for `mrijax.synthesize`; for an ensemble the
+    variables are a list, one dict per member."""
     directory = resolve_model_dir(name_or_path)
     meta = read_card(directory)
+    if "members" in meta:
+        return [load_model(directory / member)[0] for member in meta["members"]], meta
     config = models.configure(meta["variant"], anchor=meta.get("anchor", "none") == "lut",
                               in_channels=len(source_names(meta.get("source", "T1w"))))
     abstract = jax.eval_shape(lambda: models.init_variables(config))
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(directory / "variables", abstract)
     return jax.tree_util.tree_map(np.asarray, variables), meta
+
+
+# Card fields every member of an ensemble must share: they decide what the averaged predictions mean.
+ENSEMBLE_SHARED = ("source", "target", "units", "voxel_size_mm", "train_subjects", "val_subjects")
+
+
+def export_ensemble(directory: str | os.PathLike, member_models: list, meta: dict | None = None) -> Path:
+    """Write an ensemble: copies of the member models (names, export folders or training workdirs) under
+    `directory/members/<i>` and a card listing them, with the fields they share (ENSEMBLE_SHARED, which must
+    agree) plus `meta`. Refuses an existing `directory`, so nothing is overwritten."""
+    directory = Path(directory)
+    if len(member_models) < 2:
+        raise ValueError(f"an ensemble needs two or more models, got {len(member_models)}")
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists; choose a new output folder (nothing was overwritten)")
+    sources = [resolve_model_dir(m) for m in member_models]
+    cards = [read_card(s) for s in sources]
+    nested = [str(m) for m, c in zip(member_models, cards) if "members" in c]
+    if nested:
+        raise ValueError(f"{nested[0]} is an ensemble itself; pass its members instead")
+    for key in ENSEMBLE_SHARED:
+        for model, card in zip(member_models, cards):
+            if card.get(key) != cards[0].get(key):
+                raise ValueError(f"{model}: its {key} ({card.get(key)}) differs from {member_models[0]}'s "
+                                 f"({cards[0].get(key)}); ensemble models trained on the same data and contrasts")
+    members = [f"members/{i + 1}" for i in range(len(sources))]
+    for source, member in zip(sources, members):
+        shutil.copytree(source, directory / member)
+    variants = list(dict.fromkeys(c["variant"] for c in cards))
+    anchors = list(dict.fromkeys(c.get("anchor", "none") for c in cards))
+    card = {"variant": "+".join(variants), "anchor": "+".join(anchors),
+            **{k: cards[0][k] for k in ENSEMBLE_SHARED if k in cards[0]}, "members": members,
+            "member_recipes": [c.get("config") for c in cards], **(meta or {})}
+    (directory / "model.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return directory

@@ -9,7 +9,8 @@ letters of the id, so both sessions of one person always share a fold).
 
 Each fold's model is exported to `<out>/<fold>/model` and reused when the CV is run again (a stopped fold
 resumes from its checkpoints); baseline predictions are cached under `--baseline-cache` (they do not depend
-on the recipe), so comparing recipes costs only their training.
+on the recipe), so comparing recipes costs only their training. An ensemble of recipes is judged from their
+finished CVs without training: each fold averages the predictions of the CVs' models of that fold.
 """
 from __future__ import annotations
 
@@ -122,18 +123,72 @@ def check_no_leak(config: TrainConfig, groups) -> None:
                          "its scores would not be held-out; start from a model trained without them")
 
 
-def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, baseline_cache=None,
-           flip: bool = False, compute_dtype: str = "float32", warm_start=None, progress: bool = False,
-           log=print) -> dict:
+def run_cv(subjects, groups, config: TrainConfig, out, *, warm_start=None, progress: bool = False, log=print,
+           **scoring) -> dict:
     """Train one model per fold and score every held-out subject; returns {"rows", "summary", "folds"}.
 
     `warm_start`: the folder of an earlier CV over the same folds; each fold then continues from that CV's
     model of the same fold (`init_from`), so a recipe can be trained further without leaking a held-out source.
+    `scoring`: the keyword arguments of `score_folds` (baselines, baseline_cache, flip, compute_dtype).
     """
-    from mrijax import inference, plotting
-
     check_no_leak(config, groups)
     out = Path(out)
+
+    def fold_model(name, train):
+        fold_config = config.replace(init_from=str(Path(warm_start) / name / "model")) if warm_start else config
+        return train_fold(fold_config, train, out / name, progress=progress, log=log)
+
+    return score_folds(subjects, groups, fold_model, config.to_dict(), out, log=log, **scoring)
+
+
+def ensemble_recipe(cv_dirs, groups=None) -> dict:
+    """The recipe of an ensemble of finished CVs (their `--out` folders): each one's recipe, checked to share the
+    contrasts and (given `groups`) to hold a model for every fold of `groups`."""
+    if len(cv_dirs) < 2:
+        raise ValueError(f"an ensemble needs two or more CV folders, got {len(cv_dirs)}")
+    recipes = []
+    for cv_dir in map(Path, cv_dirs):
+        if not (cv_dir / "cv.json").is_file():
+            raise ValueError(f"{cv_dir}: no cv.json; pass the --out folder of a finished `mrijax cv` run")
+        stored = json.loads((cv_dir / "cv.json").read_text())
+        if groups is not None and [f["test"] for f in stored["folds"]] != groups:
+            raise ValueError(f"{cv_dir}: its folds hold out {[f['test'] for f in stored['folds']]}, not {groups}; "
+                             "pass the same --data and --groups as that CV")
+        missing = [f for f in (fold_name(i, g) for i, g in enumerate(groups or []))
+                   if not (cv_dir / f / "model" / "model.json").is_file()]
+        if missing:
+            raise ValueError(f"{cv_dir / missing[0] / 'model'}: no fold model; rerun that CV to restore it")
+        recipe = stored["config"]
+        if "members" in recipe:
+            raise ValueError(f"{cv_dir} is an ensemble's CV; pass the CV folders of its members instead")
+        pair = (recipe["source"], recipe["target"])
+        if recipes and pair != (recipes[0]["source"], recipes[0]["target"]):
+            raise ValueError(f"{cv_dir}: its recipe maps {recipe['source']}->{recipe['target']}, the first "
+                             f"{recipes[0]['source']}->{recipes[0]['target']}; ensemble models of one contrast pair")
+        recipes.append(recipe)
+    return {"members": recipes, "cv": [str(d) for d in cv_dirs]}
+
+
+def run_ensemble_cv(subjects, groups, cv_dirs, out, *, log=print, **scoring) -> dict:
+    """Score the ensemble of finished CVs (`ensemble_recipe`) on the same folds, without training: each held-out
+    subject's prediction is the mean of the CVs' fold models' predictions (`mrijax.synthesize` of a list)."""
+    recipe = ensemble_recipe(cv_dirs, groups)
+
+    def fold_model(name, train):
+        loaded = [checkpoint.load_model(Path(d) / name / "model") for d in cv_dirs]
+        return [v for v, _ in loaded], sum(float(meta.get("train_seconds", math.nan)) for _, meta in loaded)
+
+    return score_folds(subjects, groups, fold_model, recipe, out, log=log, **scoring)
+
+
+def score_folds(subjects, groups, fold_model, recipe: dict, out, *, baselines=BASELINES, baseline_cache=None,
+                flip: bool = False, compute_dtype: str = "float32", log=print) -> dict:
+    """Score every held-out subject of every fold with the fold's model (`fold_model(name, train)` -> (variables,
+    training seconds)) and the baselines; write the report (with `recipe`) and the worst subject's figures."""
+    from mrijax import inference, plotting
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     by_id = {s.id: s for s in subjects}
     rows, folds = [], []
     for index, group in enumerate(groups):
@@ -141,8 +196,7 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, b
         train = [s for s in subjects if s.id not in group]
         test = [by_id[i] for i in group]
         log(f"fold {name}: train on {len(train)} subjects, test on {', '.join(group)}")
-        fold_config = config.replace(init_from=str(Path(warm_start) / name / "model")) if warm_start else config
-        variables, train_seconds = train_fold(fold_config, train, out / name, progress=progress, log=log)
+        variables, train_seconds = fold_model(name, train)
         folds.append({"fold": name, "test": group, "train": [s.id for s in train], "train_seconds": train_seconds})
         worst = None
         for subject in test:
@@ -171,7 +225,7 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, baselines=BASELINES, b
             plotting.plot_comparison({k: v for k, v in shown.items() if k != "source"}, subject.mask,
                                      out / f"worst_{name}_{subject.id}_errors.png", error_of="truth")
     summary = summarise(rows)
-    write(out, rows, summary, folds, config, flip)
+    write(out, rows, summary, folds, recipe, flip)
     return {"rows": rows, "summary": summary, "folds": folds}
 
 
@@ -191,11 +245,11 @@ def summarise(rows) -> dict:
     return summary
 
 
-def _markdown(rows, summary, folds, config, flip) -> str:
+def _markdown(rows, summary, folds, recipe: dict, flip) -> str:
     methods = list(summary)
     subjects = list(dict.fromkeys(r["subject"] for r in rows))
     row_of = {(r["subject"], r["method"]): r for r in rows}
-    lines = [f"Leave-one-source-out CV, recipe: {json.dumps(config.to_dict())}; test-time flip: {flip}.",
+    lines = [f"Leave-one-source-out CV, recipe: {json.dumps(recipe)}; test-time flip: {flip}.",
              "SNR (dB) on brain voxels per held-out subject (MAE / MSE / SSIM in report.csv); SSIM: the paper's "
              "(data range 1, 7^3 window, brain bounding box).", "",
              "| fold | subject | " + " | ".join(methods) + " | CAE - LUT |",
@@ -218,9 +272,10 @@ def _markdown(rows, summary, folds, config, flip) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out, rows, summary, folds, config, flip) -> dict:
-    return report.write_report(out, rows, _markdown(rows, summary, folds, config, flip),
-                               {"config": config.to_dict(), "flip": flip, "folds": folds, "summary": summary},
+def write(out, rows, summary, folds, recipe: dict, flip) -> dict:
+    """The report; `recipe`: a TrainConfig's dict, or an ensemble's (`ensemble_recipe`)."""
+    return report.write_report(out, rows, _markdown(rows, summary, folds, recipe, flip),
+                               {"config": recipe, "flip": flip, "folds": folds, "summary": summary},
                                name="cv")
 
 

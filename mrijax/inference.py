@@ -86,7 +86,8 @@ def synthesize(variables, volume, mask=None, *, tile: int | None = DEFAULT_TILE,
     """Synthesize the target contrast for a whole 3D source volume.
 
     variables: the variables dict {"params", "batch_stats"} (+ "lut" for an anchored model) of a trained model (the
-        architecture is recognised from its layer names and shapes).
+        architecture is recognised from its layer names and shapes); or a list of them, an ensemble, whose
+        predictions are averaged (one pass per member).
     volume: raw 3D source array in any intensity scale; for a model with several source contrasts (e.g. trained
         with --source T1w,FLAIR), a list of them in the model's order. mask: brain mask (else the positive voxels
         of the first source).
@@ -112,6 +113,12 @@ def synthesize_normalised(variables, source, mask, *, tile: int | None = DEFAULT
                           compute_dtype=jnp.float32, flip: bool = False) -> np.ndarray:
     """The network over a whole volume already normalised (`mrijax.data.normalise`) and masked, (D, H, W) or, with
     several source contrasts, (D, H, W, C) channels-last (`Subject.inputs`); see `synthesize`."""
+    if isinstance(variables, (list, tuple)):  # an ensemble: the mean of its members' predictions
+        if not variables:
+            raise ValueError("an ensemble needs at least one model's variables, got an empty list")
+        kwargs = dict(tile=tile, impl=impl, compute_dtype=compute_dtype, flip=flip)
+        total = sum(synthesize_normalised(member, source, mask, **kwargs) for member in variables)
+        return (total / len(variables)).astype(np.float32)
     # Recognised and placed on the device once, for both passes of `flip`.
     config = models.recognise_config(variables)
     source = np.asarray(source)

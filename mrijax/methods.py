@@ -33,7 +33,8 @@ class CAEMethod:
 
     @property
     def name(self) -> str:
-        return f"CAE-{self.meta['variant']}"
+        members = self.meta.get("members")
+        return f"CAE-{self.meta['variant']}" + (f"x{len(members)}" if members else "")
 
     @property
     def source(self) -> str:

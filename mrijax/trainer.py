@@ -230,6 +230,10 @@ class Trainer:
         run's training subjects, as for a fresh model (the network learns a correction to the LUT of the data it
         is trained on; a model pretrained on simulated pairs must not keep their LUT)."""
         variables, meta = checkpoint.load_model(self.config.init_from)
+        if "members" in meta:
+            raise ValueError(f"--init-from {self.config.init_from} is an ensemble of {len(meta['members'])} models; "
+                             f"start from one of them, e.g. "
+                             f"{checkpoint.resolve_model_dir(self.config.init_from) / meta['members'][0]}")
         if meta["variant"] != self.variant.name:
             raise ValueError(f"--init-from {self.config.init_from} holds a {meta['variant']} model; train with "
                              f"--variant {meta['variant']} or start from a {self.variant.name} model")

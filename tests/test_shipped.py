@@ -17,20 +17,26 @@ def test_the_default_model_is_shipped():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_loads_for_synthesis(name):
     variables, meta = checkpoint.load_model(name)
-    assert mrijax.recognise_variant(variables) == meta["variant"]
+    members = variables if "members" in meta else [variables]  # an ensemble loads as its members' variables
+    assert len(members) == len(meta.get("members", [None]))
     assert not set(meta["train_subjects"]) & set(meta["val_subjects"])
     if meta["val_subjects"]:
         assert np.isfinite(meta["val_mse"])
     else:  # trained on every subject: its recipe's leave-one-source-out CV is on the card
         summary = meta["cv"]["summary"]
         recipe = meta["cv"]["recipe"]  # the CV is of this model's recipe: same architecture and contrasts
-        assert {"CAE", "LUT"} <= set(summary) and recipe["anchor"] == meta.get("anchor", "none")
-        assert (recipe["variant"], recipe["source"], recipe["target"]) == (meta["variant"], meta["source"],
-                                                                           meta["target"])
-    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(variables)]
-    assert all(np.all(np.isfinite(x)) for x in leaves)
-    fresh = mrijax.init_variables(meta["variant"])  # trained weights differ from a fresh init
-    assert not np.allclose(variables["params"]["conv2_full"]["kernel"], fresh["params"]["conv2_full"]["kernel"])
+        recipes = recipe["members"] if "members" in meta else [recipe]
+        assert {"CAE", "LUT"} <= set(summary) and len(recipes) == len(members)
+        for member, recipe in zip(members, recipes):
+            anchor = "lut" if "lut" in member else "none"
+            assert (recipe["variant"], recipe["anchor"], recipe["source"], recipe["target"]) == (
+                mrijax.recognise_variant(member), anchor, meta["source"], meta["target"])
+    for member in members:
+        assert mrijax.recognise_variant(member) in meta["variant"].split("+")
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(member)]
+        assert all(np.all(np.isfinite(x)) for x in leaves)
+        fresh = mrijax.init_variables(mrijax.recognise_variant(member))  # trained weights differ from a fresh init
+        assert not np.allclose(member["params"]["conv2_full"]["kernel"], fresh["params"]["conv2_full"]["kernel"])
 
 
 def test_default_model_synthesizes_a_real_subject_better_than_its_mean(shared_data_dir):

@@ -3,6 +3,7 @@
 Trains one model per held-out source (a preset plus any training flag below) and scores every held-out
 subject against the global LUT, the subject's own LUT and MIMECS (see mrijax/cv.py). Writes cv.md/csv/json,
 one figure per fold (its worst subject: slices and error maps) and the fold models under --out.
+With --ensemble it trains nothing: it scores the mean of the fold models of earlier CVs, the recipe of an ensemble.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def parse_args(argv=None):
                    help="continue each fold from the model of the same fold in an earlier CV's --out folder")
     p.add_argument("--card", metavar="MODEL_DIR",
                    help="also record the CV summary in this model's card (its model.json) under \"cv\"")
+    p.add_argument("--ensemble", nargs="+", metavar="CV_DIR",
+                   help="train nothing: score, per fold, the mean of the predictions of these finished CVs' fold "
+                        "models (their --out folders, same --data and --groups), the recipe of an ensemble")
     p.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
                    help="only print one SNR table of earlier CV reports (each DIR holds cv.json), CAE per recipe")
     p.add_argument("--no-progress", action="store_true")
@@ -50,20 +54,34 @@ def main(argv=None) -> int:
             raise ValueError(f"{missing[0]}: no cv.json; pass the --out folder of a finished `mrijax cv` run")
         print(cv.compare({label: Path(d) / "cv.json" for label, d in reports.items()}))
         return 0
-    config = PRESETS[args.preset].replace(**flags.config_overrides(args))
+    overrides = flags.config_overrides(args)
+    config = PRESETS[args.preset].replace(**overrides)
+    if args.ensemble:
+        training = [f"--{k.replace('_', '-')}" for k in overrides if k != "compute_dtype"]
+        if training or args.warm_start:
+            raise ValueError(f"--ensemble trains nothing, so {(training or ['--warm-start'])[0]} does not apply: the "
+                             "members' recipes are their CVs'")
+        first = cv.ensemble_recipe(args.ensemble)["members"][0]  # the members' contrasts, checked to agree
+        config = config.replace(source=first["source"], target=first["target"])
     root = args.data or data.ensure_phantom_dataset()
     entries = data.find_subjects(root, data.source_names(config.source) + [config.target])
     groups = cv.source_groups([e["id"] for e in entries], args.groups)
     if len(groups) < 2:
         raise ValueError(f"all subjects form one source ({', '.join(groups[0])}): cross-validation needs two or "
                          "more; pass --groups")
-    cv.check_no_leak(config, groups)  # before loading the volumes, so the error comes at once
+    if args.ensemble:
+        cv.ensemble_recipe(args.ensemble, groups)  # before loading the volumes, so the error comes at once
+    else:
+        cv.check_no_leak(config, groups)
     subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     out = Path(args.out)
-    cv.run_cv(subjects, groups, config, out, baselines=args.baselines,
-              baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines",
-              flip=args.tta, compute_dtype=config.compute_dtype, warm_start=args.warm_start,
-              progress=not args.no_progress)
+    scoring = dict(baselines=args.baselines, flip=args.tta, compute_dtype=config.compute_dtype,
+                   baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines")
+    if args.ensemble:
+        cv.run_ensemble_cv(subjects, groups, args.ensemble, out, **scoring)
+    else:
+        cv.run_cv(subjects, groups, config, out, warm_start=args.warm_start, progress=not args.no_progress,
+                  **scoring)
     print((out / "cv.md").read_text())
     if args.card:
         print(f"recorded in {cv.add_to_card(args.card, out / 'cv.json')}")

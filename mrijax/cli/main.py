@@ -28,6 +28,8 @@ COMMANDS = {
     "hemispheres": Command("mrijax.cli.hemispheres", "split subjects into left/right half-brain subjects",
                            tune_malloc=False),
     "cv": Command("mrijax.cli.cv", "leave-one-source-out cross-validation of a training recipe"),
+    "ensemble": Command("mrijax.cli.ensemble", "combine trained models into one that averages their predictions",
+                        tune_malloc=False),
     "phantom": Command("mrijax.cli.phantom", "write a simulated dataset (demos, tests, synthetic pretraining)",
                        tune_malloc=False),
 }
