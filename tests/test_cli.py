@@ -120,6 +120,7 @@ def _cli(script, *args):
     ("infer.py", ["--dtype", "float16"], "invalid choice"),
     ("infer.py", ["--tile", "-2"], "--tile"),
     ("phantom.py", ["--out", "new-folder", "--subjects", "0"], "--subjects must be >= 1"),
+    ("ensemble.py", ["/nonexistent-model", "t1w-t2w-base", "-o", "never-written"], "no model at /nonexistent-model"),
 ])
 def test_bad_flags_and_paths_give_one_line_errors(script, args, needle):
     result = _cli(script, *args)

@@ -1,0 +1,7 @@
+#!/usr/bin/env python3
+"""`mrijax ensemble` as a script: `python experiments/ensemble.py --help` lists the flags (mrijax/cli/ensemble.py)."""
+from mrijax.cli.ensemble import main  # noqa: F401  (for in-process use)
+from mrijax.cli.main import run_command
+
+if __name__ == "__main__":
+    run_command("ensemble")
