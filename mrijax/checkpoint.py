@@ -128,8 +128,8 @@ ENSEMBLE_SHARED = ("source", "target", "units", "voxel_size_mm", "train_subjects
 
 def export_ensemble(directory: str | os.PathLike, member_models: list, meta: dict | None = None) -> Path:
     """Write an ensemble: copies of the member models (names, export folders or training workdirs) under
-    `directory/members/<i>` and a card listing them, with the fields they share (ENSEMBLE_SHARED, which must
-    agree) plus `meta`. Refuses an existing `directory`, so nothing is overwritten."""
+    `directory/members/<i>` (each keeps its own card and recipe) and a card listing them, with the fields they
+    share (ENSEMBLE_SHARED, which must agree) plus `meta`. Refuses an existing `directory`, so nothing is overwritten."""
     directory = Path(directory)
     if len(member_models) < 2:
         raise ValueError(f"an ensemble needs two or more models, got {len(member_models)}")
@@ -151,7 +151,6 @@ def export_ensemble(directory: str | os.PathLike, member_models: list, meta: dic
     variants = list(dict.fromkeys(c["variant"] for c in cards))
     anchors = list(dict.fromkeys(c.get("anchor", "none") for c in cards))
     card = {"variant": "+".join(variants), "anchor": "+".join(anchors),
-            **{k: cards[0][k] for k in ENSEMBLE_SHARED if k in cards[0]}, "members": members,
-            "member_recipes": [c.get("config") for c in cards], **(meta or {})}
+            **{k: cards[0][k] for k in ENSEMBLE_SHARED if k in cards[0]}, "members": members, **(meta or {})}
     (directory / "model.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     return directory

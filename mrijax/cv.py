@@ -141,6 +141,14 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, warm_start=None, progr
     return score_folds(subjects, groups, fold_model, config.to_dict(), out, log=log, **scoring)
 
 
+def report_json(cv_dir) -> Path:
+    """The report (cv.json) of a finished CV's --out folder, or a one-line error naming the folder."""
+    path = Path(cv_dir) / "cv.json"
+    if not path.is_file():
+        raise ValueError(f"{cv_dir}: no cv.json; pass the --out folder of a finished `mrijax cv` run")
+    return path
+
+
 def ensemble_recipe(cv_dirs, groups=None) -> dict:
     """The recipe of an ensemble of finished CVs (their `--out` folders): each one's recipe, checked to share the
     contrasts and (given `groups`) to hold a model for every fold of `groups`."""
@@ -148,9 +156,7 @@ def ensemble_recipe(cv_dirs, groups=None) -> dict:
         raise ValueError(f"an ensemble needs two or more CV folders, got {len(cv_dirs)}")
     recipes = []
     for cv_dir in map(Path, cv_dirs):
-        if not (cv_dir / "cv.json").is_file():
-            raise ValueError(f"{cv_dir}: no cv.json; pass the --out folder of a finished `mrijax cv` run")
-        stored = json.loads((cv_dir / "cv.json").read_text())
+        stored = json.loads(report_json(cv_dir).read_text())
         if groups is not None and [f["test"] for f in stored["folds"]] != groups:
             raise ValueError(f"{cv_dir}: its folds hold out {[f['test'] for f in stored['folds']]}, not {groups}; "
                              "pass the same --data and --groups as that CV")
@@ -169,13 +175,12 @@ def ensemble_recipe(cv_dirs, groups=None) -> dict:
     return {"members": recipes, "cv": [str(d) for d in cv_dirs]}
 
 
-def run_ensemble_cv(subjects, groups, cv_dirs, out, *, log=print, **scoring) -> dict:
-    """Score the ensemble of finished CVs (`ensemble_recipe`) on the same folds, without training: each held-out
-    subject's prediction is the mean of the CVs' fold models' predictions (`mrijax.synthesize` of a list)."""
-    recipe = ensemble_recipe(cv_dirs, groups)
+def run_ensemble_cv(subjects, groups, recipe: dict, out, *, log=print, **scoring) -> dict:
+    """Score an ensemble of finished CVs (`recipe`: `ensemble_recipe(cv_dirs, groups)`) on the same folds, without
+    training: each held-out subject's prediction is the mean of the CVs' fold models' predictions."""
 
     def fold_model(name, train):
-        loaded = [checkpoint.load_model(Path(d) / name / "model") for d in cv_dirs]
+        loaded = [checkpoint.load_model(Path(d) / name / "model") for d in recipe["cv"]]
         return [v for v, _ in loaded], sum(float(meta.get("train_seconds", math.nan)) for _, meta in loaded)
 
     return score_folds(subjects, groups, fold_model, recipe, out, log=log, **scoring)

@@ -30,7 +30,7 @@ def test_an_ensemble_folder_loads_as_its_members_and_synthesizes_their_mean(phan
     variables, meta = checkpoint.load_model(ensemble)
     assert len(variables) == 3 and meta["members"] == ["members/1", "members/2", "members/3"]
     assert (meta["variant"], meta["source"], meta["train_subjects"]) == ("narrow", "T1w", ["sub-a", "sub-b"])
-    assert [r["seed"] for r in meta["member_recipes"]] == [1, 2, 3]
+    assert [checkpoint.read_card(ensemble / m)["config"]["seed"] for m in meta["members"]] == [1, 2, 3]
     subject = phantom_subjects[0]
     slab = np.s_[:, :, subject.mask.shape[2] // 2 - 8:subject.mask.shape[2] // 2 + 8]
     source, mask = subject.inputs[slab], subject.mask[slab]
@@ -80,7 +80,8 @@ def ensemble_cv(phantom_subjects, tmp_path_factory):
     root = tmp_path_factory.mktemp("cv")
     groups = [[phantom_subjects[0].id], [phantom_subjects[1].id, phantom_subjects[2].id]]
     members = [_fake_cv(root / f"cv{seed}", groups, seed) for seed in (0, 5)]
-    result = cv.run_ensemble_cv(phantom_subjects, groups, members, root / "ens", baselines=("lut",))
+    result = cv.run_ensemble_cv(phantom_subjects, groups, cv.ensemble_recipe(members, groups), root / "ens",
+                                baselines=("lut",))
     return groups, members, root / "ens", result
 
 

@@ -49,10 +49,7 @@ def main(argv=None) -> int:
 
     if args.compare:
         reports = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.compare)
-        missing = [d for d in reports.values() if not (Path(d) / "cv.json").is_file()]
-        if missing:
-            raise ValueError(f"{missing[0]}: no cv.json; pass the --out folder of a finished `mrijax cv` run")
-        print(cv.compare({label: Path(d) / "cv.json" for label, d in reports.items()}))
+        print(cv.compare({label: cv.report_json(d) for label, d in reports.items()}))
         return 0
     overrides = flags.config_overrides(args)
     config = PRESETS[args.preset].replace(**overrides)
@@ -69,8 +66,8 @@ def main(argv=None) -> int:
     if len(groups) < 2:
         raise ValueError(f"all subjects form one source ({', '.join(groups[0])}): cross-validation needs two or "
                          "more; pass --groups")
-    if args.ensemble:
-        cv.ensemble_recipe(args.ensemble, groups)  # before loading the volumes, so the error comes at once
+    if args.ensemble:  # folds and fold models checked before loading the volumes, so the error comes at once
+        recipe = cv.ensemble_recipe(args.ensemble, groups)
     else:
         cv.check_no_leak(config, groups)
     subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
@@ -78,7 +75,7 @@ def main(argv=None) -> int:
     scoring = dict(baselines=args.baselines, flip=args.tta, compute_dtype=config.compute_dtype,
                    baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines")
     if args.ensemble:
-        cv.run_ensemble_cv(subjects, groups, args.ensemble, out, **scoring)
+        cv.run_ensemble_cv(subjects, groups, recipe, out, **scoring)
     else:
         cv.run_cv(subjects, groups, config, out, warm_start=args.warm_start, progress=not args.no_progress,
                   **scoring)

@@ -24,15 +24,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pathlib import Path
-
     from mrijax import checkpoint, cv
 
-    if args.cv and not (Path(args.cv) / "cv.json").is_file():  # checked before anything is written
-        raise ValueError(f"{args.cv}: no cv.json; pass the --out folder of a finished `mrijax cv --ensemble` run")
+    report = cv.report_json(args.cv) if args.cv else None  # checked before anything is written
     command = "mrijax ensemble " + " ".join(sys.argv[1:] if argv is None else argv)
     directory = checkpoint.export_ensemble(args.output, args.models, {"command": command})
-    if args.cv:
-        cv.add_to_card(directory, Path(args.cv) / "cv.json")
+    if report:
+        cv.add_to_card(directory, report)
     print(f"{directory}: ensemble of {len(args.models)} models")
     return 0
