@@ -132,13 +132,39 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, warm_start=None, progr
     `scoring`: the keyword arguments of `score_folds` (baselines, baseline_cache, flip, compute_dtype).
     """
     check_no_leak(config, groups)
-    out = Path(out)
+    fold_model = _fold_trainer(config, Path(out), warm_start, progress, log)
+    return score_folds(subjects, groups, fold_model, config.to_dict(), out, log=log, **scoring)
 
+
+def _fold_trainer(config: TrainConfig, out: Path, warm_start, progress: bool, log):
     def fold_model(name, train):
         fold_config = config.replace(init_from=str(Path(warm_start) / name / "model")) if warm_start else config
         return train_fold(fold_config, train, out / name, progress=progress, log=log)
+    return fold_model
 
-    return score_folds(subjects, groups, fold_model, config.to_dict(), out, log=log, **scoring)
+
+def select_folds(groups, wanted) -> list[str]:
+    """Fold names for `wanted` (names such as '3-omslp' or 1-based numbers), or a one-line error listing them."""
+    names = [fold_name(i, g) for i, g in enumerate(groups)]
+    chosen = []
+    for item in wanted:
+        match = [n for i, n in enumerate(names) if item in (n, str(i + 1))]
+        if not match:
+            raise ValueError(f"--train-folds {item!r} is not a fold of these --groups; the folds: {', '.join(names)}")
+        chosen += match
+    return chosen
+
+
+def train_folds(subjects, groups, config: TrainConfig, out, names, *, warm_start=None, progress: bool = False,
+                log=print) -> None:
+    """Train (and export) only the named folds' models, no scoring: part of a CV for a second process."""
+    check_no_leak(config, groups)
+    fold_model = _fold_trainer(config, Path(out), warm_start, progress, log)
+    for index, group in enumerate(groups):
+        name = fold_name(index, group)
+        if name in names:
+            log(f"fold {name}: train on {len(subjects) - len(group)} subjects, test on {', '.join(group)}")
+            fold_model(name, [s for s in subjects if s.id not in group])
 
 
 def report_json(cv_dir) -> Path:

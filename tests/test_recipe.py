@@ -177,8 +177,15 @@ def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(
                "--variant", "shallow", "--epochs", "1", "--max-steps-per-epoch", "2", "--anchor", "lut", "--loss", "brain",
                "--groups", phantom_subjects[0].id, f"{phantom_subjects[1].id},{phantom_subjects[2].id}",
                "--baselines", "lut", "own-lut", "--out", str(tmp_path / "cv"), "--no-progress"]
+    # a second process may train part of the folds ahead (--train-folds): it exports their models and scores nothing
+    part = subprocess.run(command + ["--train-folds", "2"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert [p.parent.parent.name for p in (tmp_path / "cv").glob("*/model/model.json")] == [
+        cv.fold_name(1, [phantom_subjects[1].id, phantom_subjects[2].id])]
+    assert not (tmp_path / "cv" / "cv.json").exists()
     out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("steps/epoch") == 1  # only the first fold trained here; the second was reused
     report = json.loads((tmp_path / "cv" / "cv.json").read_text())
     rows = report["rows"]
     assert {(r["subject"], r["method"]) for r in rows} == {
@@ -203,6 +210,13 @@ def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(
     changed = subprocess.run(command + ["--lr", "0.5"],
                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert changed.returncode == 2 and "another configuration (lr 0.001 -> 0.5)" in changed.stderr
+
+
+def test_train_folds_names_folds_by_name_or_number_and_lists_them_when_unknown():
+    groups = [["sub-mni152"], ["sub-ms07", "sub-ms19"], ["sub-tcgadu7294", "sub-tcgafg6692"]]
+    assert cv.select_folds(groups, ["3", "2-ms"]) == ["3-tcgadu-tcgafg", "2-ms"]
+    with pytest.raises(ValueError, match="'4' is not a fold of these --groups; the folds: 1-mni, 2-ms, 3-tcgadu"):
+        cv.select_folds(groups, ["4"])
 
 
 def test_compare_puts_each_recipes_cae_beside_the_baselines(tmp_path):

@@ -35,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--ensemble", nargs="+", metavar="CV_DIR",
                    help="train nothing: score, per fold, the mean of the predictions of these finished CVs' fold "
                         "models (their --out folders, same --data and --groups), the recipe of an ensemble")
+    p.add_argument("--train-folds", nargs="+", metavar="FOLD",
+                   help="only train these folds' models (names as in the report, e.g. 3-omslp, or numbers) and stop; "
+                        "a later run with the same flags scores all folds and reuses them, so a second process on "
+                        "the other core can train part of a CV")
     p.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
                    help="only print one SNR table of earlier CV reports (each DIR holds cv.json), CAE per recipe")
     p.add_argument("--no-progress", action="store_true")
@@ -70,8 +74,16 @@ def main(argv=None) -> int:
         recipe = cv.ensemble_recipe(args.ensemble, groups)
     else:
         cv.check_no_leak(config, groups)
-    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     out = Path(args.out)
+    if args.train_folds:
+        if args.ensemble:
+            raise ValueError("--ensemble trains nothing, so --train-folds does not apply")
+        chosen = cv.select_folds(groups, args.train_folds)
+        subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
+        cv.train_folds(subjects, groups, config, out, chosen, warm_start=args.warm_start,
+                       progress=not args.no_progress)
+        return 0
+    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     scoring = dict(baselines=args.baselines, flip=args.tta, compute_dtype=config.compute_dtype,
                    baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines")
     if args.ensemble:
