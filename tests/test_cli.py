@@ -67,8 +67,9 @@ def test_infer_tile_flag_changes_memory_not_results(tmp_path, tiny_model):
     assert np.any(whole > 0)
 
 
-def test_infer_averages_the_mirror_image_by_default(tmp_path, tiny_model):
-    """infer's default is flip averaging: the library's flip=True on the canonical array; --no-tta one pass."""
+def test_infer_averages_the_mirror_image_by_default_for_a_single_model(tmp_path, tiny_model):
+    """infer's default for one model is flip averaging: the library's flip=True on the canonical array; --no-tta one
+    pass. An ensemble's default is one pass per member."""
     paths = write_synthetic_subject(tmp_path / "in", "sub-01", axcodes="RAS", shape=(26, 30, 22))
     outputs = {}
     for extra in ([], ["--no-tta"]):
@@ -80,6 +81,12 @@ def test_infer_averages_the_mirror_image_by_default(tmp_path, tiny_model):
     np.testing.assert_allclose(outputs[()], mrijax.synthesize(variables, t1, flip=True), atol=1e-6)
     np.testing.assert_allclose(outputs[("--no-tta",)], mrijax.synthesize(variables, t1), atol=1e-6)
     assert np.abs(outputs[()] - outputs[("--no-tta",)]).max() > 1e-4
+    # an ensemble (here the model twice, so its mean is the model's output) makes one pass unless --tta is given
+    pair = checkpoint.export_ensemble(tmp_path / "pair", [tiny_model, tiny_model])
+    for extra, flip in (([], False), (["--tta"], True)):
+        out = tmp_path / f"pair{len(extra)}.nii.gz"
+        assert infer.main(["-i", str(paths["T1w"]), "-o", str(out), "--checkpoint", str(pair), *extra]) == 0
+        np.testing.assert_allclose(nib.load(out).get_fdata(), outputs[() if flip else ("--no-tta",)], atol=1e-6)
 
 
 def test_infer_on_a_folder_reports_a_corrupt_file_and_writes_the_others(tmp_path, tiny_model, capsys):

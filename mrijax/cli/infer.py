@@ -48,9 +48,11 @@ def parse_args(argv=None):
                    help="cae: output tile edge of the whole-volume pass, even (default: mrijax.inference.DEFAULT_TILE, "
                         "128; smaller, e.g. 64: less memory, slower; 0: the whole volume in one pass)")
     p.add_argument("--atlas", help="mimecs/lut: folder of subjects with both contrasts (BIDS-like or manifest)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="cae: test-time augmentation (default on), the mean of the predictions for the volume and its "
-                        "left-right mirror, at twice the time; --no-tta: one pass, as mrijax.synthesize's default")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="cae: test-time augmentation, the mean of the predictions for the volume and its left-right "
+                        "mirror, at twice the time (default: on for a single model, off for an ensemble, whose "
+                        "members' mean already gains what flipping would); --no-tta: one pass, as "
+                        "mrijax.synthesize's default")
     flags.add_config_flags(p, ("compute_dtype", "source", "target"), title=None)
     args = p.parse_args(argv)
     if args.tile is not None and args.tile < 0:
@@ -160,8 +162,9 @@ def build_method(args, source, target):
 
     if args.method == "cae":
         tile = methods.DEFAULT_TILE if args.tile is None else args.tile
-        return methods.CAEMethod(args.checkpoint, compute_dtype=flags.config_value(args, "compute_dtype"), tile=tile,
-                                 flip=args.tta)
+        method = methods.CAEMethod(args.checkpoint, compute_dtype=flags.config_value(args, "compute_dtype"), tile=tile)
+        method.flip = args.tta if args.tta is not None else "members" not in method.meta
+        return method
     atlas = data.load_subjects(args.atlas, source=source, target=target)
     return methods.mimecs_method(atlas) if args.method == "mimecs" else methods.lut_method(atlas)
 
