@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -93,18 +94,56 @@ def train_fold(config: TrainConfig, train, fold_dir: Path, progress: bool = Fals
     from mrijax import trainer
 
     model_dir = fold_dir / "model"
+    wait_for_other_trainer(fold_dir, log=log)
     if (model_dir / "model.json").is_file():
         variables, meta = checkpoint.load_model(model_dir)
         stored = {k: meta[k] for k in ("config", "train_subjects", "val_subjects") if k in meta}
         trainer.check_resume(stored, trainer.run_identity(config, train, []), model_dir, "--out")
         return variables, float(meta.get("train_seconds", math.nan))
-    t0 = time.perf_counter()
-    run = trainer.Trainer(config, train, [], fold_dir / "run", progress=progress, log=log)
-    result = run.fit(resume=True)  # a stopped fold continues; an empty folder starts
-    seconds = time.perf_counter() - t0
-    meta = run.model_meta(result["history"][-1] if result["history"] else {"epoch": -1})
-    checkpoint.export_model(model_dir, result["variables"], {**meta, "train_seconds": seconds})
+    lock = fold_dir / TRAINING_LOCK
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
+    try:
+        t0 = time.perf_counter()
+        run = trainer.Trainer(config, train, [], fold_dir / "run", progress=progress, log=log)
+        result = run.fit(resume=True)  # a stopped fold continues; an empty folder starts
+        seconds = time.perf_counter() - t0
+        meta = run.model_meta(result["history"][-1] if result["history"] else {"epoch": -1})
+        checkpoint.export_model(model_dir, result["variables"], {**meta, "train_seconds": seconds})
+    finally:
+        lock.unlink(missing_ok=True)
     return result["variables"], seconds
+
+
+TRAINING_LOCK = "training.pid"  # the id of the process training a fold (`--train-folds` in another process)
+
+
+def wait_for_other_trainer(fold_dir: Path, poll_seconds: float = 30.0, log=print) -> None:
+    """Wait while another live process trains this fold (its id in TRAINING_LOCK), so two processes sharing a
+    CV's --out folder never train one fold twice; a lock left by a process that died is ignored (the fold resumes)."""
+    lock = Path(fold_dir) / TRAINING_LOCK
+    told = False
+    while lock.is_file():
+        try:
+            pid = int(lock.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if pid == os.getpid() or not _alive(pid):
+            return
+        if not told:
+            log(f"fold {Path(fold_dir).name}: process {pid} is training it; waiting for its model")
+            told = True
+        time.sleep(poll_seconds)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _scores(prediction, subject) -> dict:

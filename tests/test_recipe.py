@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -210,6 +211,19 @@ def test_cv_command_trains_one_model_per_fold_and_scores_every_held_out_subject(
     changed = subprocess.run(command + ["--lr", "0.5"],
                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert changed.returncode == 2 and "another configuration (lr 0.001 -> 0.5)" in changed.stderr
+
+
+def test_a_fold_another_live_process_trains_is_waited_for_and_a_dead_ones_lock_ignored(tmp_path):
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    threading.Thread(target=trainer.wait).start()  # reaps it when it ends (another CV process is not our child)
+    (tmp_path / cv.TRAINING_LOCK).write_text(str(trainer.pid))
+    told = []
+    cv.wait_for_other_trainer(tmp_path, poll_seconds=0.05, log=told.append)
+    assert trainer.poll() is not None  # returned only once the other process had ended
+    assert told == [f"fold {tmp_path.name}: process {trainer.pid} is training it; waiting for its model"]
+    told.clear()
+    cv.wait_for_other_trainer(tmp_path, poll_seconds=0.05, log=told.append)  # its lock is stale now
+    assert told == []
 
 
 def test_train_folds_names_folds_by_name_or_number_and_lists_them_when_unknown():
