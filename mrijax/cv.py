@@ -138,11 +138,11 @@ def wait_for_other_trainer(fold_dir: Path, poll_seconds: float = 30.0, log=print
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, owned by another user
+        pass
     return True
 
 
@@ -199,11 +199,18 @@ def train_folds(subjects, groups, config: TrainConfig, out, names, *, warm_start
     """Train (and export) only the named folds' models, no scoring: part of a CV for a second process."""
     check_no_leak(config, groups)
     fold_model = _fold_trainer(config, Path(out), warm_start, progress, log)
+    for name, _, train in _folds(subjects, groups, log, only=names):
+        fold_model(name, train)
+
+
+def _folds(subjects, groups, log, only=None):
+    """(fold name, held-out ids, training subjects) per fold (those named in `only`, if given), each announced."""
     for index, group in enumerate(groups):
         name = fold_name(index, group)
-        if name in names:
-            log(f"fold {name}: train on {len(subjects) - len(group)} subjects, test on {', '.join(group)}")
-            fold_model(name, [s for s in subjects if s.id not in group])
+        if only is None or name in only:
+            train = [s for s in subjects if s.id not in group]
+            log(f"fold {name}: train on {len(train)} subjects, test on {', '.join(group)}")
+            yield name, group, train
 
 
 def report_json(cv_dir) -> Path:
@@ -261,11 +268,8 @@ def score_folds(subjects, groups, fold_model, recipe: dict, out, *, baselines=BA
     out.mkdir(parents=True, exist_ok=True)
     by_id = {s.id: s for s in subjects}
     rows, folds = [], []
-    for index, group in enumerate(groups):
-        name = fold_name(index, group)
-        train = [s for s in subjects if s.id not in group]
+    for name, group, train in _folds(subjects, groups, log):
         test = [by_id[i] for i in group]
-        log(f"fold {name}: train on {len(train)} subjects, test on {', '.join(group)}")
         variables, train_seconds = fold_model(name, train)
         folds.append({"fold": name, "test": group, "train": [s.id for s in train], "train_seconds": train_seconds})
         worst = None

@@ -59,9 +59,10 @@ def main(argv=None) -> int:
     config = PRESETS[args.preset].replace(**overrides)
     if args.ensemble:
         training = [f"--{k.replace('_', '-')}" for k in overrides if k != "compute_dtype"]
-        if training or args.warm_start:
-            raise ValueError(f"--ensemble trains nothing, so {(training or ['--warm-start'])[0]} does not apply: the "
-                             "members' recipes are their CVs'")
+        training += ["--warm-start"] * bool(args.warm_start) + ["--train-folds"] * bool(args.train_folds)
+        if training:
+            raise ValueError(f"--ensemble trains nothing, so {training[0]} does not apply: the members' recipes are "
+                             "their CVs'")
         first = cv.ensemble_recipe(args.ensemble)["members"][0]  # the members' contrasts, checked to agree
         config = config.replace(source=first["source"], target=first["target"])
     root = args.data or data.ensure_phantom_dataset()
@@ -74,16 +75,13 @@ def main(argv=None) -> int:
         recipe = cv.ensemble_recipe(args.ensemble, groups)
     else:
         cv.check_no_leak(config, groups)
+    chosen = cv.select_folds(groups, args.train_folds) if args.train_folds else None
+    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     out = Path(args.out)
-    if args.train_folds:
-        if args.ensemble:
-            raise ValueError("--ensemble trains nothing, so --train-folds does not apply")
-        chosen = cv.select_folds(groups, args.train_folds)
-        subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
+    if chosen:
         cv.train_folds(subjects, groups, config, out, chosen, warm_start=args.warm_start,
                        progress=not args.no_progress)
         return 0
-    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     scoring = dict(baselines=args.baselines, flip=args.tta, compute_dtype=config.compute_dtype,
                    baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines")
     if args.ensemble:
