@@ -27,7 +27,7 @@ _PACKAGED = Path(__file__).resolve().parent / "ckpt"
 REPO_CKPT_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "ckpt"
 MODELS_ENV = "MRIJAX_MODELS"  # folders of the user's own models, searched by name before the shipped ones
 # The shipped model whose recipe did best in the leave-one-source-out CV: the only one above the global LUT on every
-# held-out subject (RESULTS.md, "The three-model mean"); `t1w-t2w-base` is one model at a third of the time.
+# held-out subject (RESULTS.md, "The three-model mean"); `t1w-t2w-base` is one model instead of three.
 DEFAULT_MODEL = "t1w-t2w-ensemble"
 
 
