@@ -18,10 +18,10 @@ def phantom_subjects(tmp_path_factory):
 
 
 def _export(directory, seed, **card):
-    """A narrow model with its own initial weights (the averaging does not depend on training)."""
+    """A shallow model (quick to compile) with its own initial weights (the averaging does not depend on training)."""
     meta = {"source": "T1w", "target": "T2w", "train_subjects": ["sub-a", "sub-b"], "val_subjects": [],
             "config": {"seed": seed}, **card}
-    return checkpoint.export_model(directory, models.init_variables("narrow", seed=seed), meta)
+    return checkpoint.export_model(directory, models.init_variables("shallow", seed=seed), meta)
 
 
 def test_an_ensemble_folder_loads_as_its_members_and_synthesizes_their_mean(phantom_subjects, tmp_path):
@@ -29,7 +29,7 @@ def test_an_ensemble_folder_loads_as_its_members_and_synthesizes_their_mean(phan
     ensemble = checkpoint.export_ensemble(tmp_path / "ens", members, {"command": "test"})
     variables, meta = checkpoint.load_model(ensemble)
     assert len(variables) == 3 and meta["members"] == ["members/1", "members/2", "members/3"]
-    assert (meta["variant"], meta["source"], meta["train_subjects"]) == ("narrow", "T1w", ["sub-a", "sub-b"])
+    assert (meta["variant"], meta["source"], meta["train_subjects"]) == ("shallow", "T1w", ["sub-a", "sub-b"])
     assert [checkpoint.read_card(ensemble / m)["config"]["seed"] for m in meta["members"]] == [1, 2, 3]
     subject = phantom_subjects[0]
     slab = np.s_[:, :, subject.mask.shape[2] // 2 - 8:subject.mask.shape[2] // 2 + 8]
@@ -39,7 +39,7 @@ def test_an_ensemble_folder_loads_as_its_members_and_synthesizes_their_mean(phan
     np.testing.assert_allclose(mean, np.mean(singles, axis=0), atol=1e-6)
     assert min(np.abs(a - b).max() for a, b in zip(singles, singles[1:])) > 1e-3  # the members differ
     method = methods.CAEMethod(str(ensemble))
-    assert method.name == "CAE-narrowx3"
+    assert method.name == "CAE-shallowx3"
     np.testing.assert_array_equal(method.predict(source, mask), mean)
 
 
@@ -58,7 +58,7 @@ def test_an_ensemble_refuses_members_of_other_data_an_existing_folder_and_servin
     with pytest.raises(ValueError, match="is an ensemble itself"):
         checkpoint.export_ensemble(tmp_path / "nested", [ensemble, a])
     with pytest.raises(ValueError, match="is an ensemble of 2 models; start from one of them"):
-        Trainer(PRESETS["smoke"].replace(variant="narrow", init_from=str(ensemble)), phantom_subjects, [],
+        Trainer(PRESETS["smoke"].replace(variant="shallow", init_from=str(ensemble)), phantom_subjects, [],
                 tmp_path / "warm", progress=False).new_state()
 
 
@@ -69,7 +69,7 @@ def _fake_cv(out, groups, seed):
         name = cv.fold_name(index, group)
         _export(out / name / "model", seed + index, train_seconds=10.0)
         folds.append({"fold": name, "test": group})
-    config = PRESETS["smoke"].replace(variant="narrow", seed=seed).to_dict()
+    config = PRESETS["smoke"].replace(variant="shallow", seed=seed).to_dict()
     (out / "cv.json").write_text(json.dumps({"config": config, "folds": folds, "rows": []}))
     return out
 
