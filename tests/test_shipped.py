@@ -45,11 +45,11 @@ def test_default_model_synthesizes_a_real_subject_better_than_its_mean(shared_da
     from mrijax import data
 
     variables, meta = checkpoint.load_model()
-    subjects = data.load_subjects(shared_data_dir, source=meta["source"], target=meta["target"])
     wanted = (meta["val_subjects"] or ["sub-ms19"])[0]
-    subject = next(s for s in subjects if s.id == wanted)
+    (subject,) = data.load_subjects(shared_data_dir, source=meta["source"], target=meta["target"], ids=[wanted])
     centre = subject.source.shape[2] // 2
-    slab = np.s_[:, :, centre - 24:centre + 24]
+    # 16 central slices, the whole plane: the default scores ~0.57 of the constant's MSE there, an untrained net ~1.3
+    slab = np.s_[:, :, centre - 8:centre + 8]
     mask = subject.mask[slab]
     prediction = mrijax.synthesize(variables, subject.source[slab], mask)
     truth = subject.target[slab][mask]
