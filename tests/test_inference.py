@@ -26,7 +26,7 @@ def _phantom(shape, seed=0):
 
 def test_odd_sized_volume_keeps_its_shape_and_zero_background():
     volume, brain = _phantom((61, 73, 59))
-    out = mrijax.synthesize(_trained_like("narrow"), volume)
+    out = mrijax.synthesize(_trained_like("shallow"), volume)  # shallow: compiled below too, and 3x faster than narrow
     assert out.shape == volume.shape and out.dtype == np.float32
     assert np.all(out[~brain] == 0)
     assert np.all(out[brain] > 0) and np.all(np.isfinite(out))
