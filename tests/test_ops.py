@@ -165,7 +165,7 @@ def model_value_and_grads(variant, impl, variables, x, projection):
     return y, grads
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
 @pytest.mark.parametrize("variant", ["residual", "progressive"])
 def test_model_matches_xla(impl, variant):
     """Whole networks (skip concatenation, single-axis pooling) train identically with every impl."""
