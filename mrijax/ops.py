@@ -6,7 +6,11 @@
   hand-written backward (`jax.custom_vjp`). XLA:CPU runs 3D convolutions several times below its matrix product
   speed, and autodiff of the slicing a product formulation needs is slow too, so both directions are spelled as
   products; channel-major, every shifted copy is a long contiguous row copy (see the section below).
-- "auto" (the default): "cm" on CPUs (the whole network channel-major, one transpose in and out), "xla"
+- "winograd": "cm" with the W taps of every layer with more than one input and output channel computed by
+  Winograd's minimal filtering F(2,3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
+  2 outputs along W from 4 transformed inputs, so the products do 2/3 of the multiplications (forward pass and
+  input gradient; the kernel gradient stays "cm").
+- "auto" (the default): "winograd" on CPUs (the whole network channel-major, one transpose in and out), "xla"
   elsewhere.
 
 The product splits the 27 taps between its two sides. Taps whose shifted copies are concatenated into the
@@ -17,6 +21,7 @@ picks the split per layer shape. Speeds are in RESULTS.md.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -81,6 +86,11 @@ def _values(raw, dtype):
     return lax.bitcast_convert_type(raw, dtype)
 
 
+def _bits(x):
+    """The integer payload of float values (a bitcast): bf16 -> uint16, f32 -> uint32."""
+    return lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+
+
 def _tap_rows(raw, strides, length, reverse=False):
     """Shifted copies of the payload raw (C, L): rows (tap, c) = raw[c, o(tap) : o(tap) + length] for every tap
     of the axes with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0, 1, 2; the first axis's tap
@@ -113,10 +123,12 @@ def _to_channel_major(x):
 
 
 def _cm_kernel_matrix(kernel, n_inner: int):
-    """(3, 3, 3, Cin, Cout) -> (taps_out * Cout, taps_in * Cin), rows (outer taps, co), cols (inner taps, ci)."""
-    n_outer = 3 - n_inner
-    cin, cout = kernel.shape[3:]
-    order = tuple(range(n_outer)) + (4,) + tuple(range(n_outer, 3)) + (3,)
+    """(3, ..., 3, Cin, Cout) -> (taps_out * Cout, taps_in * Cin), rows (outer taps, co), cols (inner taps, ci):
+    the last n_inner tap axes are inner."""
+    n_taps = kernel.ndim - 2
+    n_outer = n_taps - n_inner
+    cin, cout = kernel.shape[-2:]
+    order = tuple(range(n_outer)) + (n_taps + 1,) + tuple(range(n_outer, n_taps)) + (n_taps,)
     return kernel.transpose(order).reshape(3 ** n_outer * cout, 3 ** n_inner * cin)
 
 
@@ -130,18 +142,29 @@ def _cm_plan(grid, cin, cout):
     return inner, outer, offsets
 
 
-def _flat_conv(raw, kernel, grid, out_length):
+def _flat_conv(raw, kernel, grid, out_length, winograd=False):
     """out[co, p] = sum over taps t and ci of kernel[t, ci, co] * x[ci, p + offset(t)], p < out_length, f32.
 
     raw (Cin, L) is the payload (`_payload`) of a flattened (., D, H, W) grid (given by `grid`) in the kernel's
     dtype, L >= out_length + the largest offset. Inner taps are copied into the contraction (`_tap_rows`), outer
     taps are extra output rows summed with shifted contiguous slices: one product
-    (taps_out Cout, taps_in Cin) @ (taps_in Cin, length)."""
+    (taps_out Cout, taps_in Cin) @ (taps_in Cin, length). With `winograd` (where `winograd_applies`), the W taps
+    by F(2,3) instead (`_flat_conv_winograd`)."""
     cin, cout = kernel.shape[3:]
+    if winograd and winograd_applies(cin, cout, grid, out_length):
+        return _flat_conv_winograd(raw, kernel, grid, out_length)
     inner, outer, offsets = _cm_plan(grid, cin, cout)
     cols = _values(_tap_rows(raw, inner, out_length + offsets[-1]), kernel.dtype)
-    y = lax.dot_general(_cm_kernel_matrix(kernel, len(inner)), cols, (((1,), (0,)), ((), ())),
-                        preferred_element_type=jnp.float32)
+    return _outer_tap_sum(_product(_cm_kernel_matrix(kernel, len(inner)), cols), cout, offsets, out_length)
+
+
+def _product(matrix, cols):
+    """(N, K) @ (K, M), accumulated and returned in f32."""
+    return lax.dot_general(matrix, cols, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _outer_tap_sum(y, cout, offsets, out_length):
+    """sum_i y[i Cout:(i + 1) Cout, offset_i : offset_i + out_length]: the outer taps' output rows, shifted."""
     out = None
     for i, o in enumerate(offsets):
         part = y[i * cout:(i + 1) * cout, o:o + out_length]
@@ -149,11 +172,51 @@ def _flat_conv(raw, kernel, grid, out_length):
     return out
 
 
+# Winograd F(2,3) (Lavin & Gray 2016): for a 3-tap filter g along an axis, the outputs y[2j], y[2j+1] are
+# A^T [(G g) * (B^T d)] with d = x[2j : 2j+4]: 4 multiplications instead of 6. Rows: the 4 components.
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_applies(cin: int, cout: int, grid, out_length: int) -> bool:
+    """Winograd along W needs output pairs that never straddle a row (W even, so every flat tap offset is a
+    whole number of pairs) and is worth it where the direct form copies its input into a 9-tap contraction
+    (Cin > 1 and Cout > 1; see `cm_inner_axes`)."""
+    return cin > 1 and cout > 1 and grid[2] % 2 == 0 and out_length % 2 == 0
+
+
+def _flat_conv_winograd(raw, kernel, grid, out_length):
+    """`_flat_conv` with the W taps by Winograd F(2,3) on the flat axis (exact up to rounding).
+
+    Output pairs (2j, 2j+1) along the flat axis are pairs along W (W even). Each of the 4 components is a
+    2-axis (D, H) convolution of the transformed input U_k (Cin, L/2) with the transformed kernel (G g)_k on the
+    grid of pairs, done like `_flat_conv` (H taps in the contraction, D taps as output rows): 4 products
+    (3 Cout, 3 Cin) @ (3 Cin, L/2), 2/3 of the direct form's multiplications, and 3 copies of the input instead
+    of 9. The transforms run in f32; in bf16, U and the kernel are rounded once, as the direct form rounds its
+    input."""
+    cin, cout = kernel.shape[3:]
+    pair_strides = (grid[1] * grid[2] // 2, grid[2] // 2)  # D and H in pairs
+    pairs = out_length // 2
+    offsets = [t * pair_strides[0] for t in range(3)]
+    x = _values(raw[:, :raw.shape[1] // 2 * 2], kernel.dtype).astype(jnp.float32).reshape(cin, -1, 2)
+    even, odd = x[..., 0], x[..., 1]
+    e0, e1, o0, o1 = even[:, :-1], even[:, 1:], odd[:, :-1], odd[:, 1:]
+    transformed = (e0 - e1, o0 + e1, e1 - o0, o0 - o1)  # B^T d
+    kernels = jnp.einsum("kw,dhwio->kdhio", jnp.asarray(WINOGRAD_G, jnp.float32),
+                         kernel.astype(jnp.float32)).astype(kernel.dtype)  # G g, per (D, H) tap
+    m = []
+    for u, g in zip(transformed, kernels):
+        cols = _values(_tap_rows(_bits(u.astype(kernel.dtype)), pair_strides[1:], pairs + offsets[-1]),
+                       kernel.dtype)
+        m.append(_outer_tap_sum(_product(_cm_kernel_matrix(g, 1), cols), cout, offsets, pairs))
+    # A^T: y[2j] = m0 + m1 + m2, y[2j+1] = m1 - m2 - m3, interleaved
+    return jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]], axis=-1).reshape(cout, out_length)
+
+
 def _max_offset(grid) -> int:
     return 2 * (grid[1] * grid[2] + grid[2] + 1)
 
 
-def _cm_forward(xt, kernel):
+def _cm_forward(xt, kernel, winograd=False):
     """VALID conv, channel-major in and out: xt (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2), and the
     input's payload (kept for the backward pass, so it does not recompute the input's producers).
 
@@ -166,12 +229,12 @@ def _cm_forward(xt, kernel):
     n = b * d * h * w
     out_length = n - _max_offset((d, h, w))
     raw = _payload(xt)
-    out = _flat_conv(raw, kernel, (d, h, w), out_length)
+    out = _flat_conv(raw, kernel, (d, h, w), out_length, winograd)
     out = jnp.pad(out, ((0, 0), (0, n - out_length))).reshape(cout, b, d, h, w)
     return out[:, :, :d - 2, :h - 2, :w - 2], raw
 
 
-def _cm_backward(residuals, dyt):
+def _cm_backward(winograd, residuals, dyt):
     """Both gradients from the output gradient placed on the input grid (zero where there is no output).
 
     Input gradient: dx[p] = sum_t kernel[t]^T dy[p - offset(t)], the same flat product as the forward with the
@@ -192,7 +255,7 @@ def _cm_backward(residuals, dyt):
     placed = jnp.pad(dyt.astype(kernel.dtype), ((0, 0), (0, 1), (2, 0), (2, 0), (2, 0)))
     dy_raw = _payload(placed)
     flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
-    dx = _flat_conv(dy_raw, flipped, grid, n).astype(kernel.dtype)
+    dx = _flat_conv(dy_raw, flipped, grid, n, winograd).astype(kernel.dtype)
 
     inner, outer, offsets = _cm_plan(grid, cin, cout)
     length = n - 2 * sum(inner)
@@ -207,16 +270,17 @@ def _cm_backward(residuals, dyt):
     return dx.reshape(cin, b, d, h, w), grad.transpose(order).astype(kernel.dtype)
 
 
-@jax.custom_vjp
-def conv3d_cm_t(xt, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3d_cm_t(xt, kernel, winograd=False):
     """VALID 3x3x3 conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2).
 
-    xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32."""
-    return _cm_forward(xt, kernel)[0]
+    xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32. winograd: the W taps by
+    F(2,3) where `winograd_applies` (forward and input gradient)."""
+    return _cm_forward(xt, kernel, winograd)[0]
 
 
-def _cm_forward_vjp(xt, kernel):
-    out, raw = _cm_forward(xt, kernel)
+def _cm_forward_vjp(xt, kernel, winograd):
+    out, raw = _cm_forward(xt, kernel, winograd)
     return out, (raw, kernel)
 
 
@@ -239,28 +303,33 @@ to_channel_major.defvjp(lambda x: (to_channel_major(x), None), lambda _, g: (fro
 from_channel_major.defvjp(lambda xt: (from_channel_major(xt), None), lambda _, g: (to_channel_major(g),))
 
 
-def conv3d_cm(x, kernel):
+def conv3d_cm(x, kernel, winograd=False):
     """`conv3d_cm_t` on channels-last input and output (one materialised transpose each way)."""
-    return from_channel_major(conv3d_cm_t(to_channel_major(x), kernel))
+    return from_channel_major(conv3d_cm_t(to_channel_major(x), kernel, winograd))
+
+
+def conv3d_winograd(x, kernel):
+    return conv3d_cm(x, kernel, winograd=True)
 
 
 def conv3d_auto(x, kernel):
-    """"cm" on CPUs, where it beats XLA's CPU convolution for every layer shape in f32 and bf16 (RESULTS.md);
-    XLA's convolution (cuDNN) elsewhere."""
+    """"winograd" on CPUs, where it beats "cm" and XLA's CPU convolution (RESULTS.md); XLA's convolution
+    (cuDNN) elsewhere."""
     if jax.default_backend() != "cpu":
         return conv3d_xla(x, kernel)
-    return conv3d_cm(x, kernel)
+    return conv3d_winograd(x, kernel)
 
 
-IMPLEMENTATIONS = {"xla": conv3d_xla, "cm": conv3d_cm, "auto": conv3d_auto}
+IMPLEMENTATIONS = {"xla": conv3d_xla, "cm": conv3d_cm, "winograd": conv3d_winograd, "auto": conv3d_auto}
 DEFAULT_IMPL = "auto"
+CHANNEL_MAJOR = ("cm", "winograd")  # the impls whose whole network runs channel-major
 
 
 def channel_major(impl: str) -> bool:
     """Whether a whole network with this impl keeps its activations channel-major, (C, B, D, H, W), between
-    layers: when every layer is "cm" ("cm" itself, or "auto" on a CPU). Then no layer pays the two transposes
+    layers: when every layer is "cm" or "winograd" (or "auto" on a CPU). Then no layer pays the two transposes
     `conv3d_cm` needs on channels-last input, and pooling, BatchNorm and ReLU run on that layout."""
-    return impl == "cm" or (impl == "auto" and jax.default_backend() == "cpu")
+    return impl in CHANNEL_MAJOR or (impl == "auto" and jax.default_backend() == "cpu")
 
 
 def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
@@ -278,7 +347,8 @@ def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout
     if layout == "channel_major":
         if not channel_major(impl):
             raise ValueError(f"impl {impl!r} has no channel-major form on {jax.default_backend()}")
-        return conv3d_cm_t(x, kernel) + bias.astype(jnp.float32)[:, None, None, None, None]
+        winograd = impl != "cm"  # "winograd", or "auto" on a CPU
+        return conv3d_cm_t(x, kernel, winograd) + bias.astype(jnp.float32)[:, None, None, None, None]
     if layout != "channels_last":
         raise ValueError(f"unknown layout {layout!r}")
     return fn(x, kernel).astype(jnp.float32) + bias.astype(jnp.float32)

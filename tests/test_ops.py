@@ -7,12 +7,13 @@ import pytest
 from mrijax import models, ops
 
 FAST_IMPLS = [name for name in ops.IMPLEMENTATIONS if name != "xla"]
+LAYER_IMPLS = ["cm", "winograd"]  # "auto" is one of them on every backend (test_auto_is_winograd_on_cpus...)
 F32_RTOL = 1e-5  # relative to the largest magnitude: both sides sum the same products in another order
 BF16_RTOL = 2e-2  # bf16 rounding (8 mantissa bits) of products taken in a different order than the reference
 
 # (batch, D, H, W, Cin, Cout): first layer (Cin=1: every tap in the contraction), last layer (Cout=1: every tap
 # an output row), widths 16/32/48 (9 taps in, 3 out), odd and unequal sizes (flat offsets that wrap around rows,
-# planes and samples), batch 1 and 3, and a larger volume.
+# planes and samples), batch 1 and 3, and a larger volume; even W (Winograd's output pairs) and odd W.
 SHAPES = [
     (3, 7, 8, 9, 1, 32),
     (1, 12, 9, 8, 16, 1),
@@ -57,7 +58,7 @@ def exact_reference():
 CASES = [(shape, jnp.float32, F32_RTOL) for shape in SHAPES] + [(shape, jnp.bfloat16, BF16_RTOL) for shape in BF16_SHAPES]
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
 @pytest.mark.parametrize("shape,compute_dtype,rtol", CASES,
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_layer_matches_xla(impl, shape, compute_dtype, rtol):
@@ -86,22 +87,47 @@ def test_unknown_impl_is_refused():
 
 
 def test_implementations_and_default():
-    """The forms there are: the reference, the channel-major products and the choice by backend."""
-    assert set(ops.IMPLEMENTATIONS) == {"xla", "cm", "auto"} and FAST_IMPLS == ["cm", "auto"]
+    """The forms there are: the reference, the channel-major products (direct and Winograd) and the choice by
+    backend."""
+    assert set(ops.IMPLEMENTATIONS) == {"xla", "cm", "winograd", "auto"}
+    assert FAST_IMPLS == ["cm", "winograd", "auto"]
     assert ops.DEFAULT_IMPL == "auto"
 
 
-def test_auto_is_cm_on_cpus_and_xla_elsewhere():
-    """"auto" = on CPU the channel-major products, "cm", for every layer (never XLA's convolution), XLA's
-    elsewhere."""
+def _jaxpr(impl, x, kernel, bias):
+    return str(jax.make_jaxpr(jax.grad(lambda a, k: jnp.sum(ops.conv3d(a, k, bias, impl=impl))))(x, kernel))
+
+
+def test_auto_is_winograd_on_cpus_and_xla_elsewhere():
+    """"auto" = on CPU the channel-major products with Winograd's W taps, "winograd", for every layer (never XLA's
+    convolution), XLA's elsewhere."""
     assert ops.channel_major("auto") == (jax.default_backend() == "cpu")
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
-        jaxpr = str(jax.make_jaxpr(lambda a, k: ops.conv3d(a, k, bias, impl="auto"))(x, kernel))
-        uses_xla_conv = "conv_general_dilated" in jaxpr
+        uses_xla_conv = "conv_general_dilated" in _jaxpr("auto", x, kernel, bias)
         assert uses_xla_conv == (jax.default_backend() != "cpu")
+        if jax.default_backend() == "cpu":
+            assert _jaxpr("auto", x, kernel, bias) == _jaxpr("winograd", x, kernel, bias)
         np.testing.assert_allclose(ops.conv3d(x, kernel, bias, impl="auto"), ops.conv3d(x, kernel, bias, impl="xla"),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,applies", [
+    ((2, 6, 7, 8, 32, 32), True),   # W even: output pairs along W
+    ((1, 6, 8, 9, 32, 32), False),  # W odd: pairs would straddle rows
+    ((2, 6, 7, 8, 1, 32), False),   # Cin = 1: every tap in the contraction already
+    ((2, 6, 7, 8, 32, 1), False),   # Cout = 1: no copies to save
+])
+def test_winograd_only_where_it_applies(shape, applies):
+    """"winograd" computes a different program from "cm" exactly where F(2,3) applies and falls back to "cm"
+    elsewhere (its values are checked against the reference in test_layer_matches_xla)."""
+    b, d, h, w, cin, cout = shape
+    out_length = b * d * h * w - 2 * (h * w + w + 1)
+    assert ops.winograd_applies(cin, cout, (d, h, w), out_length) == applies
+    x, kernel, bias, _ = random_layer(shape)
+    assert (_jaxpr("winograd", x, kernel, bias) != _jaxpr("cm", x, kernel, bias)) == applies
+    np.testing.assert_allclose(ops.conv3d(x, kernel, bias, impl="winograd"), ops.conv3d(x, kernel, bias, impl="cm"),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -139,7 +165,7 @@ def model_value_and_grads(variant, impl, variables, x, projection):
     return y, grads
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
 @pytest.mark.parametrize("variant", ["residual", "progressive"])
 def test_model_matches_xla(impl, variant):
     """Whole networks (skip concatenation, single-axis pooling) train identically with every impl."""
