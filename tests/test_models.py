@@ -48,6 +48,14 @@ def test_he_normal_initialisation():
     assert abs(kernel.mean()) < 0.01
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 3, 48, 48), (3, 3, 3, 1, 32), (3, 3, 3, 64, 32)])
+def test_he_normal_is_flax_he_normal_bit_for_bit(shape):
+    """The kernel initialiser draws 2D for compile time only: the values are flax's He-normal ones."""
+    key = jax.random.PRNGKey(7)
+    want = jax.jit(lambda k: jax.nn.initializers.he_normal()(k, shape))(key)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda k: models.he_normal(k, shape))(key)), np.asarray(want))
+
+
 @pytest.mark.parametrize("variant", mrijax.VARIANTS)
 def test_variant_is_recognised_from_its_variables(variant):
     assert mrijax.recognise_variant(mrijax.init_variables(variant, seed=1)) == variant
