@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from mrijax.models import VARIANTS
+from mrijax.ops import IMPLEMENTATIONS
 
 LOSSES = ("all", "brain")
 ANCHORS = ("none", "lut")
@@ -44,7 +45,8 @@ class TrainConfig:
     seed: int = _field(0, "seed of initialisation, data order and augmentation")
     compute_dtype: str = _field("float32", "convolution input precision (bfloat16: f32 accumulation, faster "
                                 "on bf16 CPUs)", flag="--dtype", choices=("float32", "bfloat16"))
-    impl: str | None = _field(None, "convolution implementation (see mrijax.ops; same numbers)")
+    impl: str | None = _field(None, "convolution implementation (see mrijax.ops; same numbers)",
+                              choices=tuple(IMPLEMENTATIONS))
     weight_decay: float = _field(0.0, "L2 penalty on kernels (regularisation study)")
     dropout: float = _field(0.0, "dropout rate before hidden convolutions (regularisation study)")
     jitter: int = _field(0, "augmentation: shift block centres by up to this many voxels per axis, anew each epoch")
@@ -75,7 +77,7 @@ class TrainConfig:
         object.__setattr__(self, "augment", augment_name(self.augment))
         for field in dataclasses.fields(self):
             choices = field.metadata.get("choices")
-            if choices and getattr(self, field.name) not in choices:
+            if choices and getattr(self, field.name) not in (*choices, field.default):
                 raise ValueError(f"{field.name} {getattr(self, field.name)!r}: choose one of {', '.join(choices)}")
         if self.jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {self.jitter}")

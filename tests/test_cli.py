@@ -122,6 +122,7 @@ def _cli(script, *args):
 
 @pytest.mark.parametrize("script,args,needle", [
     ("train.py", ["--variant", "huge"], "invalid choice"),
+    ("train.py", ["--impl", "fast"], "invalid choice: 'fast'"),
     ("train.py", ["--epochs", "0"], "--epochs must be >= 1"),
     ("train.py", ["--devices", "0"], "--devices must be >= 1"),
     ("train.py", ["--data", "/nonexistent/folder"], "/nonexistent/folder"),
