@@ -302,7 +302,8 @@ class CAE(nn.Module):
             anchor = apply_lut(x[..., :1], table["centres"], table["values"])
             x = jnp.concatenate([x, anchor], axis=-1)
         # Channel-major activations (C, B, D, H, W) when every convolution is "cm" or "winograd" (see
-        # ops.channel_major): one transpose in, one out, instead of two per layer. Parameters are the same in both layouts.
+        # ops.channel_major): one transpose in, one out, instead of two per layer. Parameters are the same in both
+        # layouts.
         layout = "channel_major" if ops.channel_major(self.impl) else "channels_last"
         spatial, channels = ((2, 3, 4), 0) if layout == "channel_major" else ((1, 2, 3), -1)
         if layout == "channel_major":
