@@ -312,24 +312,27 @@ def conv3d_winograd(x, kernel):
     return conv3d_cm(x, kernel, winograd=True)
 
 
+def resolve(impl: str) -> str:
+    """The form "auto" stands for on the default backend: "winograd" on CPUs, where it beats "cm" and XLA's CPU
+    convolution (RESULTS.md); XLA's convolution (cuDNN) elsewhere. Other names stand for themselves."""
+    if impl != "auto":
+        return impl
+    return "winograd" if jax.default_backend() == "cpu" else "xla"
+
+
 def conv3d_auto(x, kernel):
-    """"winograd" on CPUs, where it beats "cm" and XLA's CPU convolution (RESULTS.md); XLA's convolution
-    (cuDNN) elsewhere."""
-    if jax.default_backend() != "cpu":
-        return conv3d_xla(x, kernel)
-    return conv3d_winograd(x, kernel)
+    return IMPLEMENTATIONS[resolve("auto")](x, kernel)
 
 
 IMPLEMENTATIONS = {"xla": conv3d_xla, "cm": conv3d_cm, "winograd": conv3d_winograd, "auto": conv3d_auto}
 DEFAULT_IMPL = "auto"
-CHANNEL_MAJOR = ("cm", "winograd")  # the impls whose whole network runs channel-major
 
 
 def channel_major(impl: str) -> bool:
     """Whether a whole network with this impl keeps its activations channel-major, (C, B, D, H, W), between
     layers: when every layer is "cm" or "winograd" (or "auto" on a CPU). Then no layer pays the two transposes
     `conv3d_cm` needs on channels-last input, and pooling, BatchNorm and ReLU run on that layout."""
-    return impl in CHANNEL_MAJOR or (impl == "auto" and jax.default_backend() == "cpu")
+    return resolve(impl) in ("cm", "winograd")
 
 
 def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
@@ -347,8 +350,7 @@ def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout
     if layout == "channel_major":
         if not channel_major(impl):
             raise ValueError(f"impl {impl!r} has no channel-major form on {jax.default_backend()}")
-        winograd = impl != "cm"  # "winograd", or "auto" on a CPU
-        return conv3d_cm_t(x, kernel, winograd) + bias.astype(jnp.float32)[:, None, None, None, None]
+        return conv3d_cm_t(x, kernel, resolve(impl) == "winograd") + bias.astype(jnp.float32)[:, None, None, None, None]
     if layout != "channels_last":
         raise ValueError(f"unknown layout {layout!r}")
     return fn(x, kernel).astype(jnp.float32) + bias.astype(jnp.float32)

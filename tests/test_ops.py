@@ -101,6 +101,7 @@ def _jaxpr(impl, x, kernel, bias):
 def test_auto_is_winograd_on_cpus_and_xla_elsewhere():
     """"auto" = on CPU the channel-major products with Winograd's W taps, "winograd", for every layer (never XLA's
     convolution), XLA's elsewhere."""
+    assert ops.resolve("auto") == ("winograd" if jax.default_backend() == "cpu" else "xla")
     assert ops.channel_major("auto") == (jax.default_backend() == "cpu")
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
