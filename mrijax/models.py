@@ -151,14 +151,14 @@ def shift_multiple(variant: str | CAEConfig) -> int:
 # Modules
 
 
+_HE_NORMAL = nn.initializers.he_normal()
+
+
 def he_normal(key, shape, dtype=jnp.float32):
     """`nn.initializers.he_normal()` (fan-in = all axes but the last), bit for bit, drawn as a 2D (fan-in, Cout)
     array and reshaped: XLA:CPU compiled the random bits of some 5D kernel shapes for seconds each (e.g.
     (3, 3, 3, 16, 16): ~8 s against ~0.4 s drawn 2D), which made the narrow network's init take ~18 s."""
     return _HE_NORMAL(key, (int(np.prod(shape[:-1])), shape[-1]), dtype).reshape(shape)
-
-
-_HE_NORMAL = nn.initializers.he_normal()
 
 
 class Conv3D(nn.Module):
