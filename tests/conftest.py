@@ -45,6 +45,13 @@ def write_canonical(path, data_ras, affine_ras, axcodes="RAS", dtype=np.float32,
     return path
 
 
+def central_slab(shape, slices: int = 16):
+    """The central `slices` axial slices of a volume of this shape, the whole plane (brain and background): keeps
+    whole-volume passes over real or phantom subjects short."""
+    centre = shape[2] // 2
+    return np.s_[:, :, centre - slices // 2:centre + slices // 2]
+
+
 def synthetic_brain(shape=(24, 28, 20), seed=0) -> dict[str, np.ndarray]:
     """An ellipsoidal 'brain' (RAS+ arrays) with a bright core and darker rim; T2w inverts the T1w contrast.
 

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """An exported (untrained) shallow model: the file path of the CLI does not depend on training. (Tests use
-    `shallow`: on a CPU it compiles in a third of the time `narrow` takes.)"""
+    """An exported (untrained) shallow model (the fewest layers, the least to compile): the file path of the CLI
+    does not depend on training."""
     return checkpoint.export_model(tmp_path_factory.mktemp("model") / "shallow",
                                    mrijax.init_variables("shallow", seed=4), {"source": "T1w", "target": "T2w"})
 

@@ -19,8 +19,10 @@ from mrijax.config import PRESETS
 from mrijax.data.augment import AugmentConfig
 from mrijax.trainer import Trainer, split_subjects, training_lut
 
+from conftest import central_slab
+
 REPO = Path(__file__).resolve().parents[1]
-# `shallow` throughout: on a CPU it compiles in a third of the time `narrow` takes, and the CV command trains it too
+# `shallow` throughout: the variant with the fewest layers, so the least to compile (the CV command trains it too)
 ANCHORED = dataclasses.replace(models.get_config("shallow"), anchor=True)
 
 
@@ -28,12 +30,6 @@ ANCHORED = dataclasses.replace(models.get_config("shallow"), anchor=True)
 def phantom_subjects(tmp_path_factory):
     root = data.make_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_subjects=3, seed=7)
     return data.load_subjects(root)
-
-
-def _slab(subject):
-    """16 central axial slices, brain and background across the whole plane: whole-volume passes stay short."""
-    centre = subject.mask.shape[2] // 2
-    return np.s_[:, :, centre - 8:centre + 8]
 
 
 def _fitted_table(subjects):
@@ -49,7 +45,8 @@ def test_an_untrained_anchored_network_is_the_look_up_table(phantom_subjects):
     assert models.count_params(variables["params"]) == models.count_params(
         models.init_variables("shallow")["params"]) + 27 * ANCHORED.filters
     assert models.recognise_config(variables) == ANCHORED
-    source, mask = subject.source[_slab(subject)], subject.mask[_slab(subject)]
+    slab = central_slab(subject.mask.shape)
+    source, mask = subject.source[slab], subject.mask[slab]
     prediction = inference.synthesize_normalised(variables, source, mask, tile=None)
     expected = lut.apply_lut(lut.LUT(centres, values), source, mask)
     np.testing.assert_allclose(prediction, expected, atol=1e-5)
@@ -101,7 +98,8 @@ def test_augmentation_is_a_pure_function_of_seed_and_epoch_and_leaves_the_target
 def test_flip_averaging_is_the_mean_of_the_two_passes(phantom_subjects):
     subject = phantom_subjects[0]
     variables = models.init_variables("shallow", seed=2)
-    volume, mask = subject.source_volume.data[_slab(subject)], subject.mask[_slab(subject)]
+    slab = central_slab(subject.mask.shape)
+    volume, mask = subject.source_volume.data[slab], subject.mask[slab]
     plain = mrijax.synthesize(variables, volume, mask, tile=None)
     mirrored = mrijax.synthesize(variables, volume[::-1], mask[::-1], tile=None)[::-1]
     both = mrijax.synthesize(variables, volume, mask, tile=None, flip=True)

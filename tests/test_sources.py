@@ -18,14 +18,10 @@ from mrijax.data import patches
 from mrijax.data.augment import AugmentConfig
 from mrijax.trainer import Trainer, training_lut
 
+from conftest import central_slab
+
 REPO = Path(__file__).resolve().parents[1]
-TWO = models.configure("shallow", in_channels=2)  # `shallow`: on a CPU it compiles in a third of the time of `narrow`
-
-
-def _slab(subject):
-    """16 central axial slices, brain and background across the whole plane: whole-volume passes stay short."""
-    centre = subject.mask.shape[2] // 2
-    return np.s_[:, :, centre - 8:centre + 8]
+TWO = models.configure("shallow", in_channels=2)  # `shallow`: the fewest layers, the least to compile
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,7 @@ def test_an_anchored_two_source_model_starts_from_the_first_sources_table(two_so
     config = models.configure("shallow", anchor=True, in_channels=2)
     variables = models.set_lut(models.init_variables(config, seed=1), table.bin_centres, table.values)
     assert models.recognise_config(variables) == config
-    slab = _slab(subject)
+    slab = central_slab(subject.mask.shape)
     prediction = inference.synthesize_normalised(variables, subject.inputs[slab], subject.mask[slab], tile=None)
     np.testing.assert_allclose(prediction, lut.apply_lut(table, subject.source[slab], subject.mask[slab]), atol=1e-5)
 

@@ -21,8 +21,8 @@ from mrijax.trainer import Trainer, split_subjects
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs STEPS pmapped steps of `shallow` on a fixed global batch of 4 and prints the losses and a parameter
-# checksum; the device count comes from XLA_FLAGS, set before jax is imported. (Tests train `shallow`: on a CPU it
-# compiles in a third of the time `narrow` takes, and compilation is most of these tests' time.)
+# checksum; the device count comes from XLA_FLAGS, set before jax is imported. (Tests train `shallow`, the fewest
+# layers: compilation is most of these tests' time.)
 PARALLEL_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
