@@ -363,7 +363,10 @@ def test_malformed_input_is_one_error_line_naming_the_file_once(tmp_path, tiny_m
 
 def test_bench_pure_parts():
     info = cli.cpu_info("model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile sse\n")
-    assert info == {"cpu": "Some Xeon", "cpu_flags": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f"]}
+    assert info == {"cpu": "Some Xeon", "cpu_family_model": None,
+                    "cpu_flags": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f"]}
+    zen3 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: avx2\n"
+    assert cli.cpu_info(zen3) == {"cpu": "AMD EPYC", "cpu_family_model": "25/1", "cpu_flags": ["avx2"]}
     done = bench.summary({"mrijax": [2.0, 3.0, 9.0], "pytorch_float32": [4.0, 3.0, 3.0]}, "x_per_s")
     assert done["ratio_over_pytorch_float32"] == [0.5, 1.0, 3.0] and done["median_ratio_over_pytorch_float32"] == 1.0
 
@@ -382,7 +385,8 @@ def test_bf16_note_only_where_bf16_has_no_units():
 def test_every_dtype_flag_gives_the_bf16_note_where_it_applies(monkeypatch, capsys):
     """The note comes from the --dtype flag itself, so every command that has it says it, once, and only for bf16;
     not again in the process `tune_malloc` re-starts (bench --hugepages), which parses the same flags again."""
-    monkeypatch.setattr(cli, "cpu_info", lambda cpuinfo=None: {"cpu": "Old x86", "cpu_flags": ["avx2"]})
+    monkeypatch.setattr(cli, "cpu_info", lambda cpuinfo=None: {"cpu": "Old x86", "cpu_family_model": None,
+                                                               "cpu_flags": ["avx2"]})
     monkeypatch.setenv("GLIBC_TUNABLES", "")
     for parse in (train.parse_args, infer.parse_args):
         assert flags.config_value(parse(["--dtype", "bfloat16"]), "compute_dtype") == "bfloat16"
@@ -412,9 +416,12 @@ def test_bench_rounds_alternate_mrijax_and_the_reference(tmp_path):
     total = records[-1]
     mine = [r["output_voxels_per_s"] for r in records[:-1] if r["impl"].startswith("mrijax")]
     assert total["rounds"] == 2 and total["pytorch_bfloat16"] == [4e3, 4e3] and total["setting"] == "auto/float32"
+    # the form "auto" ran as, on this (CPU) backend, in every mrijax record and the summary
+    assert {r["form"] for r in records if "form" in r} == {"winograd"} and "form" in records[0]
     assert total["mrijax"] == [round(v, 4) for v in mine]
     assert total["median_ratio_over_pytorch_float32"] == pytest.approx(statistics.median(mine) / 1e3, rel=1e-3)
-    assert {"cpu", "cpu_flags", "allocator", "loadavg_1min"} <= set(total) and len(total["loadavg_1min"]) == 2
+    assert {"cpu", "cpu_family_model", "cpu_flags", "allocator", "loadavg_1min"} <= set(total)
+    assert len(total["loadavg_1min"]) == 2
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ BF16_UNITS = ("avx512_bf16", "amx_bf16")  # without either, XLA converts bf16 in
 
 def cpu_info(cpuinfo: str | None = None) -> dict:
     """CPU model and the flags that decide product speed (AMX tiles, AVX-512 bf16), from /proc/cpuinfo text
-    (read from this machine when None)."""
+    (read from this machine when None). x86 "cpu family" / "model" numbers tell apart CPUs that share a model
+    name (cloud machines report "AMD EPYC" for Zen 2, 3 and 5 alike): "family/model", or None."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -31,7 +32,11 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor())
     found = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return {"cpu": model, "cpu_flags": sorted(f for f in set(found) if CPU_FLAGS.match(f))}
+    numbers = {key: next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                          if line.split(":", 1)[0].strip() == key), None) for key in ("cpu family", "model")}
+    family_model = None if None in numbers.values() else f"{numbers['cpu family']}/{numbers['model']}"
+    return {"cpu": model, "cpu_family_model": family_model,
+            "cpu_flags": sorted(f for f in set(found) if CPU_FLAGS.match(f))}
 
 
 def slow_bf16_note(dtype: str, cpu: dict | None = None) -> str | None:

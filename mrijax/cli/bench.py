@@ -92,7 +92,7 @@ def _settings(args) -> dict:
 
     dtype = flags.config_value(args, "compute_dtype")
     impl = flags.config_value(args, "impl") or ops.DEFAULT_IMPL
-    return {"variant": flags.config_value(args, "variant"), "impl": impl, "dtype": dtype,
+    return {"variant": flags.config_value(args, "variant"), "impl": impl, "form": ops.resolve(impl), "dtype": dtype,
             "jnp_dtype": {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]}
 
 
@@ -213,8 +213,8 @@ def main(argv=None) -> int:
     machine = machine_info()
     values, loads = {}, []
     for round_ in range(args.rounds):
-        rec = {"round": round_ + 1, "impl": f"mrijax-{s['impl']}", "variant": s["variant"], "dtype": s["dtype"],
-               **machine, **run(args), "loadavg_1min": os.getloadavg()[0]}
+        rec = {"round": round_ + 1, "impl": f"mrijax-{s['impl']}", "form": s["form"], "variant": s["variant"],
+               "dtype": s["dtype"], **machine, **run(args), "loadavg_1min": os.getloadavg()[0]}
         print(json.dumps(rec), flush=True)
         loads.append(rec["loadavg_1min"])
         values.setdefault("mrijax", []).append(rec[METRIC[args.mode]])
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
             values.setdefault(f"pytorch_{dtype}", []).append(ref[METRIC[args.mode]])
     if args.compare or args.rounds > 1:
         print(json.dumps({"mode": args.mode, "variant": s["variant"], "setting": f"{s['impl']}/{s['dtype']}",
-                          **summary(values, METRIC[args.mode]),
-                          "cpu": machine["cpu"], "cpu_flags": machine["cpu_flags"],
-                          "allocator": machine["allocator"], "loadavg_1min": loads}), flush=True)
+                          "form": s["form"], **summary(values, METRIC[args.mode]),
+                          **{key: machine[key] for key in ("cpu", "cpu_family_model", "cpu_flags", "allocator")},
+                          "loadavg_1min": loads}), flush=True)
     return 0
