@@ -122,7 +122,7 @@ def test_channel_major_network_transposes_once(monkeypatch):
     variables = models.init_variables("base", seed=3)
     x = jax.ShapeDtypeStruct((1, 38, 38, 38, 1), jnp.float32)
     cpu = jax.default_backend() == "cpu"
-    # "auto" is "cm" everywhere on a CPU (one transpose); "xla" stays channels-last (none)
+    # "auto" is channel-major on a CPU ("winograd": one transpose); "xla" stays channels-last (none)
     cases = [("cm", jnp.float32, 1), ("auto", jnp.bfloat16, 1 if cpu else 0), ("auto", jnp.float32, 1 if cpu else 0),
              ("xla", jnp.float32, 0)]
     for impl, dtype, expected in cases:
