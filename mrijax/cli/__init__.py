@@ -29,14 +29,15 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
                 cpuinfo = f.read()
         except OSError:
             cpuinfo = ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    found = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    numbers = {key: next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                          if line.split(":", 1)[0].strip() == key), None) for key in ("cpu family", "model")}
-    family_model = None if None in numbers.values() else f"{numbers['cpu family']}/{numbers['model']}"
-    return {"cpu": model, "cpu_family_model": family_model,
-            "cpu_flags": sorted(f for f in set(found) if CPU_FLAGS.match(f))}
+    fields = {}  # "key : value" lines; the first processor's block comes first
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    family, model = fields.get("cpu family"), fields.get("model")
+    return {"cpu": fields.get("model name", platform.processor()),
+            "cpu_family_model": f"{family}/{model}" if family and model else None,
+            "cpu_flags": sorted(f for f in set(fields.get("flags", "").split()) if CPU_FLAGS.match(f))}
 
 
 def slow_bf16_note(dtype: str, cpu: dict | None = None) -> str | None:
