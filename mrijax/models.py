@@ -171,13 +171,15 @@ class Conv3D(nn.Module):
     compute_dtype: Any = jnp.float32
     layout: str = "channels_last"
     kernel_init: Any = he_normal
+    upsampled: bool = False  # convolve x upsampled 2x along D, H and W, on x's grid (`ops.conv3d_upsampled`)
 
     @nn.compact
     def __call__(self, x):
         cin = x.shape[0 if self.layout == "channel_major" else -1]
         kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return ops.conv3d(x, kernel, bias, impl=self.impl, compute_dtype=self.compute_dtype, layout=self.layout)
+        conv = ops.conv3d_upsampled if self.upsampled else ops.conv3d
+        return conv(x, kernel, bias, impl=self.impl, compute_dtype=self.compute_dtype, layout=self.layout)
 
 
 def _split_windows(x, axes):
@@ -276,13 +278,18 @@ class CAE(nn.Module):
     transfers to scanners it never saw. With several source contrasts the table maps the first.
 
     `impl` picks the convolution arithmetic ("xla": lax.conv reference; see `mrijax.ops` for fast ones);
-    `bn_axis_name` synchronises BatchNorm statistics across pmapped devices.
+    `bn_axis_name` synchronises BatchNorm statistics across pmapped devices. `fuse_upsampling`: a D, H and W
+    upsampling followed by BatchNorm and a convolution runs as BatchNorm on the coarse grid and the sub-pixel
+    convolution `ops.conv3d_upsampled` (8 instead of 27 multiplications per output, no upsampled copy). Equal up
+    to rounding: BatchNorm is per channel, and the batch statistics of a nearest-upsampled tensor are those of the
+    coarse one. False: the paper's literal upsampling, the reference it is tested against.
     """
 
     config: CAEConfig
     impl: str = "xla"
     compute_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    fuse_upsampling: bool = True
     # Keras's epsilon, as in the paper's implementation. Momentum 0.9 rather than Keras's 0.99: the running
     # statistics keep momentum**steps of their initial values (0, 1), 40% after 92 steps at 0.99, which
     # made validation in eval mode meaningless for runs of a few hundred steps like ours (measured: val MSE
@@ -309,23 +316,29 @@ class CAE(nn.Module):
         if layout == "channel_major":
             x = ops.to_channel_major(x)
         pooled = ""  # axes along which the current tensor is at half resolution
+        pending = ""  # axes of an upsampling not yet applied to x (see fuse_upsampling)
         skip = None
         conv_index = 0
         last_conv = cfg.n_convs
         for op in cfg.layers:
             if op[0] == "pool":
+                x, pending = (upsample(x, pending, spatial) if pending else x), ""
                 if skip is None:
                     skip = x
                 x = max_pool(x, op[1], spatial)
                 pooled += op[1]
                 continue
             if op[0] == "up":
-                x = upsample(x, op[1], spatial)
+                pending += op[1]
                 pooled = "".join(a for a in pooled if a not in op[1])
                 if cfg.residual and not pooled:
+                    x, pending = upsample(x, pending, spatial), ""
                     x = jnp.concatenate([x, center_crop(skip, [x.shape[a] for a in spatial], spatial)],
                                         axis=channels)
                 continue
+            fuse = self.fuse_upsampling and sorted(pending) == sorted(AXES) and not (train and cfg.dropout)
+            if pending and not fuse:
+                x = upsample(x, pending, spatial)
             conv_index += 1
             suffix = "".join(a for a in AXES if a in pooled) or "full"
             if conv_index > 1:
@@ -338,11 +351,14 @@ class CAE(nn.Module):
             last = conv_index == last_conv
             init = nn.initializers.zeros if last and cfg.anchor else he_normal
             x = Conv3D(1 if last else cfg.filters, impl=self.impl, compute_dtype=self.compute_dtype,
-                       layout=layout, kernel_init=init, name=f"conv{conv_index}_{suffix}")(x)
+                       layout=layout, kernel_init=init, upsampled=fuse, name=f"conv{conv_index}_{suffix}")(x)
+            pending = ""
             if not last:
                 x = nn.relu(x)
             elif not cfg.anchor:
                 x = nn.sigmoid(x)
+        if pending:
+            x = upsample(x, pending, spatial)
         if layout == "channel_major":
             x = ops.from_channel_major(x)
         if anchor is not None:

@@ -49,9 +49,12 @@ def conv3d_xla(x, kernel):
 # input); since each input is materialised once as an integer payload (`_payload`) that traffic is cheap.
 
 
-def cm_inner_axes(cin: int, cout: int) -> int:
+def cm_inner_axes(cin: int, cout: int, taps: int = 3) -> int:
     """How many trailing spatial axes (W, then H, then D) put their taps into the contraction; the others' taps
-    are extra output rows (see the module docstring)."""
+    are extra output rows (see the module docstring). `taps`: kernel taps per axis (3, or 2 for the phase
+    kernels of `conv3d_upsampled`)."""
+    if taps == 2:  # 8 taps: copy the narrower side, the input (K = 8 Cin) or the tap outputs (N = 8 Cout)
+        return 3 if cin <= cout else 0
     if cin == 1:
         return 3  # K = 27: copies of a 1-channel volume are cheap, and no tap outputs to sum
     if cout == 1:
@@ -91,20 +94,20 @@ def _bits(x):
     return lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
 
 
-def _tap_rows(raw, strides, length, reverse=False):
+def _tap_rows(raw, strides, length, reverse=False, taps=3):
     """Shifted copies of the payload raw (C, L): rows (tap, c) = raw[c, o(tap) : o(tap) + length] for every tap
-    of the axes with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0, 1, 2; the first axis's tap
-    outermost; reverse: 2 - t_a). Built one axis at a time from the last: each stage is one stack of 3 shifted long
-    contiguous slices of the previous stage's rows, which XLA:CPU copies faster than 9 shifted copies written
-    directly into one buffer, though it copies 12 rows per input row, not 9."""
+    of the axes with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0 .. taps - 1; the first axis's tap
+    outermost; reverse: taps - 1 - t_a). Built one axis at a time from the last: each stage is one stack of
+    `taps` shifted long contiguous slices of the previous stage's rows, which XLA:CPU copies faster than 9
+    shifted copies written directly into one buffer, though it copies 12 rows per input row, not 9."""
     if not strides:
         return raw[:, :length]
-    extra = sum(2 * s for s in strides)
+    extra = sum((taps - 1) * s for s in strides)
     for stride in reversed(strides):
-        extra -= 2 * stride
+        extra -= (taps - 1) * stride
         size = length + extra
-        taps = (2, 1, 0) if reverse else (0, 1, 2)
-        raw = jnp.stack([lax.slice_in_dim(raw, t * stride, t * stride + size, axis=1) for t in taps]
+        order = range(taps - 1, -1, -1) if reverse else range(taps)
+        raw = jnp.stack([lax.slice_in_dim(raw, t * stride, t * stride + size, axis=1) for t in order]
                         ).reshape(-1, size)
     return raw
 
@@ -123,22 +126,23 @@ def _to_channel_major(x):
 
 
 def _cm_kernel_matrix(kernel, n_inner: int):
-    """(3, ..., 3, Cin, Cout) -> (taps_out * Cout, taps_in * Cin), rows (outer taps, co), cols (inner taps, ci):
+    """(k, ..., k, Cin, Cout) -> (taps_out * Cout, taps_in * Cin), rows (outer taps, co), cols (inner taps, ci):
     the last n_inner tap axes are inner."""
     n_taps = kernel.ndim - 2
     n_outer = n_taps - n_inner
+    k = kernel.shape[0]
     cin, cout = kernel.shape[-2:]
     order = tuple(range(n_outer)) + (n_taps + 1,) + tuple(range(n_outer, n_taps)) + (n_taps,)
-    return kernel.transpose(order).reshape(3 ** n_outer * cout, 3 ** n_inner * cin)
+    return kernel.transpose(order).reshape(k ** n_outer * cout, k ** n_inner * cin)
 
 
-def _cm_plan(grid, cin, cout):
+def _cm_plan(grid, cin, cout, taps=3):
     """Flat strides of the inner (contraction) and outer (tap output) axes of a (D, H, W) grid, and the flat
     offsets of the outer taps (outermost axis first, as in `_tap_rows` and `_cm_kernel_matrix`)."""
-    n_inner = cm_inner_axes(cin, cout)
+    n_inner = cm_inner_axes(cin, cout, taps)
     strides = (grid[1] * grid[2], grid[2], 1)
     inner, outer = strides[3 - n_inner:], strides[:3 - n_inner]
-    offsets = [sum(t * s for t, s in zip(taps, outer)) for taps in itertools.product(range(3), repeat=len(outer))]
+    offsets = [sum(t * s for t, s in zip(tap, outer)) for tap in itertools.product(range(taps), repeat=len(outer))]
     return inner, outer, offsets
 
 
@@ -151,10 +155,11 @@ def _flat_conv(raw, kernel, grid, out_length, winograd=False):
     (taps_out Cout, taps_in Cin) @ (taps_in Cin, length). With `winograd` (where `winograd_applies`), the W taps
     by F(2,3) instead (`_flat_conv_winograd`)."""
     cin, cout = kernel.shape[3:]
-    if winograd and winograd_applies(cin, cout, grid, out_length):
+    taps = kernel.shape[0]
+    if winograd and taps == 3 and winograd_applies(cin, cout, grid, out_length):
         return _flat_conv_winograd(raw, kernel, grid, out_length)
-    inner, outer, offsets = _cm_plan(grid, cin, cout)
-    cols = _values(_tap_rows(raw, inner, out_length + offsets[-1]), kernel.dtype)
+    inner, outer, offsets = _cm_plan(grid, cin, cout, taps)
+    cols = _values(_tap_rows(raw, inner, out_length + offsets[-1], taps=taps), kernel.dtype)
     return _outer_tap_sum(_product(_cm_kernel_matrix(kernel, len(inner)), cols), cout, offsets, out_length)
 
 
@@ -212,8 +217,8 @@ def _flat_conv_winograd(raw, kernel, grid, out_length):
     return jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]], axis=-1).reshape(cout, out_length)
 
 
-def _max_offset(grid) -> int:
-    return 2 * (grid[1] * grid[2] + grid[2] + 1)
+def _max_offset(grid, taps=3) -> int:
+    return (taps - 1) * (grid[1] * grid[2] + grid[2] + 1)
 
 
 def _cm_forward(xt, kernel, winograd=False):
@@ -224,14 +229,14 @@ def _cm_forward(xt, kernel, winograd=False):
     columns are contiguous row slices and the outer-tap sum adds contiguous row slices. Positions whose
     window leaves the volume (or the sample) are computed too and cropped at the end (cheaper than the strided
     copies a VALID-only layout needs)."""
-    cout = kernel.shape[4]
+    cout, taps = kernel.shape[4], kernel.shape[0]
     c, b, d, h, w = xt.shape
     n = b * d * h * w
-    out_length = n - _max_offset((d, h, w))
+    out_length = n - _max_offset((d, h, w), taps)
     raw = _payload(xt)
     out = _flat_conv(raw, kernel, (d, h, w), out_length, winograd)
     out = jnp.pad(out, ((0, 0), (0, n - out_length))).reshape(cout, b, d, h, w)
-    return out[:, :, :d - 2, :h - 2, :w - 2], raw
+    return out[:, :, :d - taps + 1, :h - taps + 1, :w - taps + 1], raw
 
 
 def _cm_backward(winograd, residuals, dyt):
@@ -243,39 +248,40 @@ def _cm_backward(winograd, residuals, dyt):
     Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset]."""
     raw, kernel = residuals
     cout, b = dyt.shape[:2]
-    d, h, w = (s + 2 for s in dyt.shape[2:])
-    cin = kernel.shape[3]
+    taps, cin = kernel.shape[0], kernel.shape[3]
+    d, h, w = (s + taps - 1 for s in dyt.shape[2:])
     n = b * d * h * w
     grid = (d, h, w)
-    shift = _max_offset(grid)
-    # dy placed at corner (2, 2, 2) of each sample's grid = the flat gradient shifted right by `shift` (every
-    # shifted position stays inside its sample), plus one zero sample of tail: the input of the dx product, and,
-    # sliced, of the kernel gradient. Padding the 5D array before the identity product is one cheap pass; a flat
-    # pad after a 5D one is fused into the copies, where it costs far more per element.
-    placed = jnp.pad(dyt.astype(kernel.dtype), ((0, 0), (0, 1), (2, 0), (2, 0), (2, 0)))
+    shift = _max_offset(grid, taps)
+    # dy placed at corner (2, 2, 2) (taps - 1) of each sample's grid = the flat gradient shifted right by `shift`
+    # (every shifted position stays inside its sample), plus one zero sample of tail: the input of the dx product,
+    # and, sliced, of the kernel gradient. Padding the 5D array before the identity product is one cheap pass; a
+    # flat pad after a 5D one is fused into the copies, where it costs far more per element.
+    edge = (taps - 1, 0)
+    placed = jnp.pad(dyt.astype(kernel.dtype), ((0, 0), (0, 1), edge, edge, edge))
     dy_raw = _payload(placed)
     flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
     dx = _flat_conv(dy_raw, flipped, grid, n, winograd).astype(kernel.dtype)
 
-    inner, outer, offsets = _cm_plan(grid, cin, cout)
-    length = n - 2 * sum(inner)
-    cols = _values(_tap_rows(raw, inner, length), kernel.dtype)
-    shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True),
+    inner, outer, offsets = _cm_plan(grid, cin, cout, taps)
+    length = n - (taps - 1) * sum(inner)
+    cols = _values(_tap_rows(raw, inner, length, taps=taps), kernel.dtype)
+    shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True, taps=taps),
                       kernel.dtype)
     grad = lax.dot_general(cols, shifted, (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32)  # (taps_in Cin, taps_out Cout)
     n_inner, n_outer = len(inner), len(outer)
-    grad = grad.reshape((3,) * n_inner + (cin,) + (3,) * n_outer + (cout,))
+    grad = grad.reshape((taps,) * n_inner + (cin,) + (taps,) * n_outer + (cout,))
     order = tuple(range(n_inner + 1, 4)) + tuple(range(n_inner)) + (n_inner, 4)
     return dx.reshape(cin, b, d, h, w), grad.transpose(order).astype(kernel.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv3d_cm_t(xt, kernel, winograd=False):
-    """VALID 3x3x3 conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2).
+    """VALID 3x3x3 (or 2x2x2) conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2).
 
-    xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32. winograd: the W taps by
-    F(2,3) where `winograd_applies` (forward and input gradient)."""
+    xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32. winograd: the W taps of a
+    3x3x3 kernel by F(2,3) where `winograd_applies` (forward and input gradient)."""
     return _cm_forward(xt, kernel, winograd)[0]
 
 
@@ -354,3 +360,34 @@ def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout
     if layout != "channels_last":
         raise ValueError(f"unknown layout {layout!r}")
     return fn(x, kernel).astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+# A 3-tap filter on a 2x nearest-upsampled signal u[i] = x[i // 2] reads only two samples of x per output:
+# output 2j + p = (w0 + w1) x[j] + w2 x[j + 1] for p = 0 and w0 x[j] + (w1 + w2) x[j + 1] for p = 1. Rows: phase,
+# then the weight of each of the 3 taps in the 2 phase taps.
+UPSAMPLE_PHASES = (((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)), ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)))
+
+
+def upsampled_kernel(kernel):
+    """(3, 3, 3, Cin, Cout) -> (2, 2, 2, Cin, 8 Cout): the 8 phase kernels of `conv3d_upsampled`, output channels
+    ordered (phase D, phase H, phase W, Cout); summed in f32."""
+    s = jnp.asarray(UPSAMPLE_PHASES, jnp.float32)
+    cin, cout = kernel.shape[3:]
+    phases = jnp.einsum("pat,qbu,rcv,tuvio->abcipqro", s, s, s, kernel.astype(jnp.float32))
+    return phases.reshape(2, 2, 2, cin, 8 * cout)
+
+
+def conv3d_upsampled(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
+    """`conv3d` of x upsampled 2x (nearest) along D, H and W, computed on x's own grid: one 2x2x2 convolution
+    with the 8 phase kernels side by side (`upsampled_kernel`), whose outputs are interleaved into the 2x grid
+    (sub-pixel convolution). Equal to upsampling and convolving up to rounding, with 8 instead of 27
+    multiplications per output and no upsampled copy of the input. Input (n_d, n_h, n_w), output 2 (n - 1)."""
+    cout = kernel.shape[4]
+    y = conv3d(x, upsampled_kernel(kernel).astype(kernel.dtype), jnp.tile(bias, 8), impl, compute_dtype, layout)
+    if layout == "channel_major":
+        _, b, d, h, w = y.shape
+        y = y.reshape(2, 2, 2, cout, b, d, h, w).transpose(3, 4, 5, 0, 6, 1, 7, 2)
+        return y.reshape(cout, b, 2 * d, 2 * h, 2 * w)
+    b, d, h, w, _ = y.shape
+    y = y.reshape(b, d, h, w, 2, 2, 2, cout).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return y.reshape(b, 2 * d, 2 * h, 2 * w, cout)

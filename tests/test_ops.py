@@ -181,3 +181,53 @@ def test_model_matches_xla(impl, variant):
     flat = jax.tree_util.tree_leaves(grads)
     for (path, want), got in zip(flat_ref, flat):
         assert relative_error(got, want) < 1e-4, jax.tree_util.keystr(path)
+
+
+# (batch, D, H, W, Cin, Cout) of the coarse input: the decoder's shape (Cin = Cout: the 8 phase kernels as one
+# contraction of 8 Cin), more input than phase outputs (Cin > 8 Cout: the phases as output rows), odd sizes.
+UPSAMPLED_SHAPES = [(2, 5, 6, 7, 32, 32), (1, 4, 5, 3, 48, 4)]
+
+
+def upsampled_value_and_grads(impl, layout, compute_dtype, x, kernel, bias, projection, fused):
+    def scalar(x, kernel, bias):
+        if not fused:  # the literal form: upsample, then convolve with the reference
+            y = ops.conv3d(models.upsample(x, "dhw"), kernel, bias, impl="xla", compute_dtype=compute_dtype)
+        elif layout == "channel_major":
+            y = ops.from_channel_major(ops.conv3d_upsampled(ops.to_channel_major(x), kernel, bias, impl=impl,
+                                                            compute_dtype=compute_dtype, layout=layout))
+        else:
+            y = ops.conv3d_upsampled(x, kernel, bias, impl=impl, compute_dtype=compute_dtype)
+        return jnp.sum(y * projection), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(x, kernel, bias)
+    return y, grads
+
+
+@pytest.mark.parametrize("impl,layout", [("xla", "channels_last"), ("cm", "channels_last"),
+                                         ("cm", "channel_major"), ("winograd", "channel_major")])
+@pytest.mark.parametrize("shape", UPSAMPLED_SHAPES, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("compute_dtype,rtol", [(jnp.float32, F32_RTOL), (jnp.bfloat16, BF16_RTOL)])
+def test_upsampled_conv_equals_upsampling_then_convolving(impl, layout, shape, compute_dtype, rtol):
+    """The sub-pixel convolution (8 phase kernels of 2x2x2 taps on the coarse grid) computes the convolution of
+    the 2x nearest-upsampled input, values and all three gradients, in every form."""
+    b, d, h, w, cin, cout = shape
+    x, kernel, bias, _ = random_layer((b, d, h, w, cin, cout), seed=6)
+    projection = jax.random.normal(jax.random.PRNGKey(8), (b, 2 * d - 2, 2 * h - 2, 2 * w - 2, cout))
+    y_ref, grads_ref = upsampled_value_and_grads(impl, layout, compute_dtype, x, kernel, bias, projection, False)
+    y, grads = upsampled_value_and_grads(impl, layout, compute_dtype, x, kernel, bias, projection, True)
+    assert y.shape == y_ref.shape and y.dtype == jnp.float32
+    assert relative_error(y, y_ref) < rtol
+    for name, got, want in zip(("x", "kernel", "bias"), grads, grads_ref):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert relative_error(got, want) < rtol, name
+
+
+def test_upsampled_kernel_phases_sum_the_taps_that_read_one_coarse_sample():
+    """Each phase kernel holds, per coarse tap, the sum of the 3x3x3 weights that read that coarse sample; over
+    all 8 phases every weight is used 8 times (once per phase), so the phase kernels sum to 8x the kernel's sum."""
+    kernel = jax.random.normal(jax.random.PRNGKey(9), (3, 3, 3, 2, 3))
+    phases = np.asarray(ops.upsampled_kernel(kernel)).reshape(2, 2, 2, 2, 2, 2, 2, 3)  # a b c ci pd ph pw co
+    k = np.asarray(kernel, np.float64)
+    # phase (0, 1, 1), coarse tap (0, 1, 0): D taps {0, 1}, H taps {1, 2}, W tap {0}
+    np.testing.assert_allclose(phases[0, 1, 0, :, 0, 1, 1], k[0:2, 1:3, 0].sum(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(phases.sum(axis=(0, 1, 2, 4, 5, 6)), 8 * k.sum(axis=(0, 1, 2)), rtol=1e-5)
