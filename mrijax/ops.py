@@ -13,6 +13,9 @@
 - "auto" (the default): "winograd" on CPUs (the whole network channel-major, one transpose in and out), "xla"
   elsewhere.
 
+`conv3d_upsampled` is the convolution of a 2x nearest-upsampled input in any of these forms, computed on the coarse
+grid as a sub-pixel convolution (8 phase kernels of 2x2x2 taps): the CAE's first decoder convolution.
+
 The product splits the 27 taps between its two sides. Taps whose shifted copies are concatenated into the
 input channels ("inner" taps) grow the contraction K = taps_in * Cin at the cost of copying the input that many
 times; taps produced as extra output channels ("outer" taps, N = taps_out * Cout) are summed with shifted

@@ -203,10 +203,13 @@ def upsampled_value_and_grads(impl, layout, compute_dtype, x, kernel, bias, proj
     return y, grads
 
 
-@pytest.mark.parametrize("impl,layout", [("xla", "channels_last"), ("cm", "channels_last"),
-                                         ("cm", "channel_major"), ("winograd", "channel_major")])
+UPSAMPLED_CASES = [(impl, layout, jnp.float32, F32_RTOL) for impl, layout in
+                   [("xla", "channels_last"), ("cm", "channels_last"), ("cm", "channel_major"),
+                    ("winograd", "channel_major")]] + [("winograd", "channel_major", jnp.bfloat16, BF16_RTOL)]
+
+
+@pytest.mark.parametrize("impl,layout,compute_dtype,rtol", UPSAMPLED_CASES)
 @pytest.mark.parametrize("shape", UPSAMPLED_SHAPES, ids=lambda v: "x".join(map(str, v)))
-@pytest.mark.parametrize("compute_dtype,rtol", [(jnp.float32, F32_RTOL), (jnp.bfloat16, BF16_RTOL)])
 def test_upsampled_conv_equals_upsampling_then_convolving(impl, layout, shape, compute_dtype, rtol):
     """The sub-pixel convolution (8 phase kernels of 2x2x2 taps on the coarse grid) computes the convolution of
     the 2x nearest-upsampled input, values and all three gradients, in every form."""
