@@ -29,6 +29,15 @@ def relative_error(got, want):
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
+def assert_matches(y, grads, y_ref, grads_ref, rtol):
+    """An f32 output and the (x, kernel, bias) gradients equal the reference's to rtol of its largest value."""
+    assert y.dtype == jnp.float32 and y.shape == y_ref.shape
+    assert relative_error(y, y_ref) < rtol
+    for name, got, want in zip(("x", "kernel", "bias"), grads, grads_ref):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert relative_error(got, want) < rtol, name
+
+
 def random_layer(shape, seed=0):
     b, d, h, w, cin, cout = shape
     kx, kk, kb, kp = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -65,11 +74,7 @@ def test_layer_matches_xla(impl, shape, compute_dtype, rtol):
     args = random_layer(shape)
     y_ref, grads_ref = layer_value_and_grads("xla", compute_dtype, *args)
     y, grads = layer_value_and_grads(impl, compute_dtype, *args)
-    assert y.dtype == jnp.float32 and y.shape == y_ref.shape
-    assert relative_error(y, y_ref) < rtol
-    for name, got, want in zip(("x", "kernel", "bias"), grads, grads_ref):
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        assert relative_error(got, want) < rtol, name
+    assert_matches(y, grads, y_ref, grads_ref, rtol)
 
 
 def test_bf16_is_close_to_f32():
@@ -218,11 +223,7 @@ def test_upsampled_conv_equals_upsampling_then_convolving(impl, layout, shape, c
     projection = jax.random.normal(jax.random.PRNGKey(8), (b, 2 * d - 2, 2 * h - 2, 2 * w - 2, cout))
     y_ref, grads_ref = upsampled_value_and_grads(impl, layout, compute_dtype, x, kernel, bias, projection, False)
     y, grads = upsampled_value_and_grads(impl, layout, compute_dtype, x, kernel, bias, projection, True)
-    assert y.shape == y_ref.shape and y.dtype == jnp.float32
-    assert relative_error(y, y_ref) < rtol
-    for name, got, want in zip(("x", "kernel", "bias"), grads, grads_ref):
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        assert relative_error(got, want) < rtol, name
+    assert_matches(y, grads, y_ref, grads_ref, rtol)
 
 
 def test_upsampled_kernel_phases_sum_the_taps_that_read_one_coarse_sample():
