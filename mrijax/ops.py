@@ -256,7 +256,7 @@ def _cm_backward(winograd, residuals, dyt):
     n = b * d * h * w
     grid = (d, h, w)
     shift = _max_offset(grid, taps)
-    # dy placed at corner (2, 2, 2) (taps - 1) of each sample's grid = the flat gradient shifted right by `shift`
+    # dy placed at corner (taps - 1,) * 3 of each sample's grid = the flat gradient shifted right by `shift`
     # (every shifted position stays inside its sample), plus one zero sample of tail: the input of the dx product,
     # and, sliced, of the kernel gradient. Padding the 5D array before the identity product is one cheap pass; a
     # flat pad after a 5D one is fused into the copies, where it costs far more per element.
@@ -281,7 +281,8 @@ def _cm_backward(winograd, residuals, dyt):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv3d_cm_t(xt, kernel, winograd=False):
-    """VALID 3x3x3 (or 2x2x2) conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2).
+    """VALID 3x3x3 conv in channel-major layout: (Cin, B, D, H, W) -> f32 (Cout, B, D-2, H-2, W-2); a 2x2x2
+    kernel (`conv3d_upsampled`) trims one voxel per axis instead of two.
 
     xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32. winograd: the W taps of a
     3x3x3 kernel by F(2,3) where `winograd_applies` (forward and input gradient)."""
