@@ -316,29 +316,29 @@ class CAE(nn.Module):
         if layout == "channel_major":
             x = ops.to_channel_major(x)
         pooled = ""  # axes along which the current tensor is at half resolution
-        pending = ""  # axes of an upsampling not yet applied to x (see fuse_upsampling)
+        fuse = False  # the next conv convolves x upsampled along D, H and W (see fuse_upsampling)
         skip = None
         conv_index = 0
         last_conv = cfg.n_convs
-        for op in cfg.layers:
+        for i, op in enumerate(cfg.layers):
             if op[0] == "pool":
-                x, pending = (upsample(x, pending, spatial) if pending else x), ""
                 if skip is None:
                     skip = x
                 x = max_pool(x, op[1], spatial)
                 pooled += op[1]
                 continue
             if op[0] == "up":
-                pending += op[1]
                 pooled = "".join(a for a in pooled if a not in op[1])
-                if cfg.residual and not pooled:
-                    x, pending = upsample(x, pending, spatial), ""
+                skip_joins = cfg.residual and not pooled
+                next_is_conv = i + 1 < len(cfg.layers) and cfg.layers[i + 1][0] == "conv"
+                fuse = (self.fuse_upsampling and sorted(op[1]) == sorted(AXES) and next_is_conv and not skip_joins
+                        and not (train and cfg.dropout))
+                if not fuse:
+                    x = upsample(x, op[1], spatial)
+                if skip_joins:
                     x = jnp.concatenate([x, center_crop(skip, [x.shape[a] for a in spatial], spatial)],
                                         axis=channels)
                 continue
-            fuse = self.fuse_upsampling and sorted(pending) == sorted(AXES) and not (train and cfg.dropout)
-            if pending and not fuse:
-                x = upsample(x, pending, spatial)
             conv_index += 1
             suffix = "".join(a for a in AXES if a in pooled) or "full"
             if conv_index > 1:
@@ -352,13 +352,11 @@ class CAE(nn.Module):
             init = nn.initializers.zeros if last and cfg.anchor else he_normal
             x = Conv3D(1 if last else cfg.filters, impl=self.impl, compute_dtype=self.compute_dtype,
                        layout=layout, kernel_init=init, upsampled=fuse, name=f"conv{conv_index}_{suffix}")(x)
-            pending = ""
+            fuse = False
             if not last:
                 x = nn.relu(x)
             elif not cfg.anchor:
                 x = nn.sigmoid(x)
-        if pending:
-            x = upsample(x, pending, spatial)
         if layout == "channel_major":
             x = ops.from_channel_major(x)
         if anchor is not None:
