@@ -159,7 +159,7 @@ def _flat_conv(raw, kernel, grid, out_length, winograd=False):
     by F(2,3) instead (`_flat_conv_winograd`)."""
     cin, cout = kernel.shape[3:]
     taps = kernel.shape[0]
-    if winograd and taps == 3 and winograd_applies(cin, cout, grid, out_length):
+    if winograd and winograd_applies(cin, cout, grid, out_length, taps):
         return _flat_conv_winograd(raw, kernel, grid, out_length)
     inner, outer, offsets = _cm_plan(grid, cin, cout, taps)
     cols = _values(_tap_rows(raw, inner, out_length + offsets[-1], taps=taps), kernel.dtype)
@@ -185,11 +185,11 @@ def _outer_tap_sum(y, cout, offsets, out_length):
 WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
-def winograd_applies(cin: int, cout: int, grid, out_length: int) -> bool:
-    """Winograd along W needs output pairs that never straddle a row (W even, so every flat tap offset is a
-    whole number of pairs) and is worth it where the direct form copies its input into a 9-tap contraction
-    (Cin > 1 and Cout > 1; see `cm_inner_axes`)."""
-    return cin > 1 and cout > 1 and grid[2] % 2 == 0 and out_length % 2 == 0
+def winograd_applies(cin: int, cout: int, grid, out_length: int, taps: int = 3) -> bool:
+    """Winograd's F(2,3) along W is for 3-tap kernels; it needs output pairs that never straddle a row (W even, so
+    every flat tap offset is a whole number of pairs) and is worth it where the direct form copies its input into
+    a 9-tap contraction (Cin > 1 and Cout > 1; see `cm_inner_axes`)."""
+    return taps == 3 and cin > 1 and cout > 1 and grid[2] % 2 == 0 and out_length % 2 == 0
 
 
 def _flat_conv_winograd(raw, kernel, grid, out_length):
@@ -387,7 +387,7 @@ def conv3d_upsampled(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float
     (sub-pixel convolution). Equal to upsampling and convolving up to rounding, with 8 instead of 27
     multiplications per output and no upsampled copy of the input. Input (n_d, n_h, n_w), output 2 (n - 1)."""
     cout = kernel.shape[4]
-    y = conv3d(x, upsampled_kernel(kernel).astype(kernel.dtype), jnp.tile(bias, 8), impl, compute_dtype, layout)
+    y = conv3d(x, upsampled_kernel(kernel), jnp.tile(bias, 8), impl, compute_dtype, layout)
     if layout == "channel_major":
         _, b, d, h, w = y.shape
         y = y.reshape(2, 2, 2, cout, b, d, h, w).transpose(3, 4, 5, 0, 6, 1, 7, 2)

@@ -130,6 +130,7 @@ def test_winograd_only_where_it_applies(shape, applies):
     b, d, h, w, cin, cout = shape
     out_length = b * d * h * w - 2 * (h * w + w + 1)
     assert ops.winograd_applies(cin, cout, (d, h, w), out_length) == applies
+    assert not ops.winograd_applies(cin, cout, (d, h, w), out_length, taps=2)  # F(2,3) is for 3-tap kernels
     x, kernel, bias, _ = random_layer(shape)
     assert (_jaxpr("winograd", x, kernel, bias) != _jaxpr("cm", x, kernel, bias)) == applies
     np.testing.assert_allclose(ops.conv3d(x, kernel, bias, impl="winograd"), ops.conv3d(x, kernel, bias, impl="cm"),
