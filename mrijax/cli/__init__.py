@@ -35,7 +35,7 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
         if sep:
             fields.setdefault(key.strip(), value.strip())
     family, model = fields.get("cpu family"), fields.get("model")
-    return {"cpu": fields.get("model name", platform.processor()),
+    return {"cpu": fields.get("model name") or platform.processor(),
             "cpu_family_model": f"{family}/{model}" if family and model else None,
             "cpu_flags": sorted(f for f in set(fields.get("flags", "").split()) if CPU_FLAGS.match(f))}
 
