@@ -1,9 +1,24 @@
-"""mrijax: MRI contrast synthesis with the 3D convolutional autoencoder of Klingelhoefer & Rousseau."""
-from mrijax.models import (VARIANTS, CAEConfig, build_model, count_params, get_config, init_variables,
-                           input_shape, input_size, recognise_variant)
+"""mrijax: MRI contrast synthesis with the 3D convolutional autoencoder of Klingelhoefer & Rousseau.
 
-__all__ = ["VARIANTS", "CAEConfig", "build_model", "count_params", "get_config", "init_variables",
-           "input_shape", "input_size", "recognise_variant"]
-from mrijax.inference import synthesize  # noqa: E402
+The names below are imported on first use (PEP 562), so `import mrijax.cli` stays light: a command restarts
+itself with its allocator and parses its flags before JAX is loaded, and bad flags fail at once.
+"""
+import importlib
 
-__all__ += ["synthesize"]
+_EXPORTS = {name: "mrijax.architectures" for name in ("VARIANTS", "CAEConfig", "get_config", "input_shape", "input_size")}
+_EXPORTS.update({name: "mrijax.models" for name in ("build_model", "count_params", "init_variables",
+                                                     "recognise_variant")})
+_EXPORTS["synthesize"] = "mrijax.inference"
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mrijax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mrijax.models import VARIANTS
-from mrijax.ops import IMPLEMENTATIONS
+from mrijax.architectures import VARIANTS
+
+# The names of `mrijax.ops.IMPLEMENTATIONS` (tested equal): this module stays free of JAX, so flags parse and bad
+# ones fail before it loads.
+IMPLS = ("xla", "cm", "winograd", "auto")
 
 LOSSES = ("all", "brain")
 ANCHORS = ("none", "lut")
@@ -46,7 +49,7 @@ class TrainConfig:
     compute_dtype: str = _field("float32", "convolution input precision (bfloat16: f32 accumulation, faster "
                                 "on bf16 CPUs)", flag="--dtype", choices=("float32", "bfloat16"))
     impl: str | None = _field(None, "convolution implementation (see mrijax.ops; same numbers)",
-                              choices=tuple(IMPLEMENTATIONS))
+                              choices=IMPLS)
     weight_decay: float = _field(0.0, "L2 penalty on kernels (regularisation study)")
     dropout: float = _field(0.0, "dropout rate before hidden convolutions (regularisation study)")
     jitter: int = _field(0, "augmentation: shift block centres by up to this many voxels per axis, anew each epoch")

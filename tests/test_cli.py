@@ -235,6 +235,17 @@ def test_console_script_lists_every_command_and_rejects_others():
     assert wrong.returncode == 2 and "invalid choice: 'trian'" in wrong.stderr
 
 
+def test_commands_parse_their_flags_before_jax_loads():
+    """The package and every command module import without JAX, so `--help` and bad flags answer at once and the
+    allocator restart comes before the heavy imports; the library's names still load on first use."""
+    code = ("import importlib, sys, mrijax\nfrom mrijax.cli import main, train\n"
+            "for command in main.COMMANDS.values(): importlib.import_module(command.module)\n"
+            "try: train.parse_args(['--variant', 'fast'])\nexcept SystemExit as e: print(e.code)\n"
+            "print('jax' in sys.modules)\nmrijax.synthesize\nprint('jax' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["2", "False", "True"], run.stderr
+
+
 def test_console_script_and_wrapper_take_the_same_flags_through_the_allocator_restart():
     """Both re-exec themselves (tune_malloc) and must still see their flags: the same one-line error."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MRIJAX_HUGEPAGES", "LD_PRELOAD")}

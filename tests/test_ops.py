@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrijax import models, ops
+from mrijax import config, models, ops
 
 FAST_IMPLS = [name for name in ops.IMPLEMENTATIONS if name != "xla"]
 LAYER_IMPLS = ["cm", "winograd"]  # "auto" is one of them on every backend (test_auto_is_winograd_on_cpus...)
@@ -95,6 +95,7 @@ def test_implementations_and_default():
     """The forms there are: the reference, the channel-major products (direct and Winograd) and the choice by
     backend."""
     assert set(ops.IMPLEMENTATIONS) == {"xla", "cm", "winograd", "auto"}
+    assert config.IMPLS == tuple(ops.IMPLEMENTATIONS)  # the --impl choices, named without importing JAX
     assert FAST_IMPLS == ["cm", "winograd", "auto"]
     assert ops.DEFAULT_IMPL == "auto"
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mrijax import data
 from mrijax.cli import flags
 
 
@@ -49,6 +48,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mrijax import data
+
     source, target = flags.config_value(args, "source"), flags.config_value(args, "target")
     # Every id is checked (the library's lookup and message) before anything is written.
     kept = data.find_subjects(args.data, (source, target), args.keep)
