@@ -10,6 +10,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Most of the suite's time is XLA compiling many small programs once each, so the tests (and the CLI processes
+# they start, which inherit the environment) compile without LLVM's optimisation passes: the same programs and
+# numbers up to rounding, compiled in about half the time, run more slowly. Speed is measured by
+# experiments/bench.py, never here. Set before JAX is imported; a level the caller sets wins.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
 
 def shared_data_path() -> Path:
     """$MRIJAX_SHARED_DATA, else <repo>/../shared/data/mri."""
