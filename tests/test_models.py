@@ -23,7 +23,7 @@ def test_documented_input_size_maps_to_a_16_cube(variant):
     assert size == PAPER_INPUT[variant]
     variables = mrijax.init_variables(variant)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, size, size, size, 1))
-    y = mrijax.build_model(variant).apply(variables, x)
+    y = jax.jit(mrijax.build_model(variant).apply)(variables, x)
     assert y.shape == (2, 16, 16, 16, 1)
     assert bool(jnp.all((y >= 0) & (y <= 1)))  # sigmoid output
     assert models.output_shape(variant, (size,) * 3) == (16, 16, 16)
@@ -73,11 +73,11 @@ def test_unknown_variant_and_foreign_params_are_rejected():
 
 def test_network_commutes_with_even_shifts_only():
     """Pooling makes the VALID network equivariant to shifts by 2: the basis of exact tiling."""
-    model, variables = mrijax.build_model("base"), mrijax.init_variables("base", seed=2)
+    apply, variables = jax.jit(mrijax.build_model("base").apply), mrijax.init_variables("base", seed=2)
     x = jax.random.uniform(jax.random.PRNGKey(0), (1, 44, 40, 40, 1))
-    y = model.apply(variables, x)
-    y_shift2 = model.apply(variables, x[:, 2:])
-    y_shift1 = model.apply(variables, x[:, 1:43])
+    y = apply(variables, x)
+    y_shift2 = apply(variables, x[:, 2:])
+    y_shift1 = apply(variables, x[:, 1:43])
     np.testing.assert_allclose(y[:, 2:], y_shift2, atol=1e-6)
     assert not np.allclose(y[:, 1:21], y_shift1[:, :20], atol=1e-4)
 
@@ -108,8 +108,8 @@ def test_network_in_channel_major_layout_matches_the_reference(dtype, tolerance)
     variables = models.init_variables("base", seed=3)
     x = jax.random.uniform(jax.random.PRNGKey(7), (1, 40, 38, 42, 1))
     with jax.default_matmul_precision("highest"):
-        want = models.build_model("base", impl="xla", compute_dtype=dtype).apply(variables, x)
-    got = models.build_model("base", impl="auto", compute_dtype=dtype).apply(variables, x)
+        want = jax.jit(models.build_model("base", impl="xla", compute_dtype=dtype).apply)(variables, x)
+    got = jax.jit(models.build_model("base", impl="auto", compute_dtype=dtype).apply)(variables, x)
     assert got.shape == want.shape == (1, 18, 16, 20, 1)
     assert float(jnp.max(jnp.abs(got - want))) < tolerance
 
@@ -153,7 +153,7 @@ def test_fused_upsampling_trains_like_the_literal_upsampling():
 
         with jax.default_matmul_precision("highest"):
             (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-            runs.append((y, grads, stats, model.apply(variables, x)))
+            runs.append((y, grads, stats, jax.jit(model.apply)(variables, x)))
     relative = lambda got, want: float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
     (y_ref, grads_ref, stats_ref, eval_ref), (y, grads, stats, evaluated) = runs
     assert relative(y, y_ref) < 1e-5 and relative(evaluated, eval_ref) < 1e-5
