@@ -5,10 +5,11 @@ itself with its allocator and parses its flags before JAX is loaded, and bad fla
 """
 import importlib
 
-_EXPORTS = {name: "mrijax.architectures" for name in ("VARIANTS", "CAEConfig", "get_config", "input_shape", "input_size")}
-_EXPORTS.update({name: "mrijax.models" for name in ("build_model", "count_params", "init_variables",
-                                                     "recognise_variant")})
-_EXPORTS["synthesize"] = "mrijax.inference"
+_EXPORTS = {
+    **dict.fromkeys(("VARIANTS", "CAEConfig", "get_config", "input_shape", "input_size"), "mrijax.architectures"),
+    **dict.fromkeys(("build_model", "count_params", "init_variables", "recognise_variant"), "mrijax.models"),
+    "synthesize": "mrijax.inference",
+}
 __all__ = list(_EXPORTS)
 
 
