@@ -18,7 +18,7 @@ from mrijax.architectures import VARIANTS
 
 # The names of `mrijax.ops.IMPLEMENTATIONS` (tested equal): this module stays free of JAX, so flags parse and bad
 # ones fail before it loads.
-IMPLS = ("xla", "cm", "winograd", "auto")
+IMPLS = ("xla", "cm", "winograd", "onednn", "auto")
 
 LOSSES = ("all", "brain")
 ANCHORS = ("none", "lut")

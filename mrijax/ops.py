@@ -10,8 +10,10 @@
   Winograd's minimal filtering F(2,3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
   2 outputs along W from 4 transformed inputs, so the products do 2/3 of the multiplications (forward pass and
   input gradient; the kernel gradient stays "cm").
-- "auto" (the default): "winograd" on CPUs (the whole network channel-major, one transpose in and out), "xla"
-  elsewhere.
+- "onednn": XLA's convolution where XLA:CPU hands it to oneDNN (jax < 0.7, classic runtime: `pip install
+  mrijax[onednn]`) for the forward pass and input gradient, the kernel gradient as one product ("cm"'s).
+- "auto" (the default): on CPUs "onednn" where XLA compiles convolutions to oneDNN, else "winograd" (the whole
+  network channel-major, one transpose in and out); "xla" elsewhere.
 
 `conv3d_upsampled` is the convolution of a 2x nearest-upsampled input in any of these forms, computed on the coarse
 grid as a sub-pixel convolution (8 phase kernels of 2x2x2 taps): the CAE's first decoder convolution.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,10 @@ DIMENSION_NUMBERS = ("NDHWC", "DHWIO", "NDHWC")
 
 
 def conv3d_xla(x, kernel):
+    if x.dtype == jnp.bfloat16 and _jax_version() < (0, 7):
+        # jax < 0.7 cannot differentiate a bf16 convolution with an f32 result; products of bf16 values are exact
+        # in f32, so converting first computes the same
+        x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
     return lax.conv_general_dilated(x, kernel, (1, 1, 1), "VALID", dimension_numbers=DIMENSION_NUMBERS,
                                     preferred_element_type=jnp.float32)
 
@@ -250,33 +257,42 @@ def _cm_backward(winograd, residuals, dyt):
     p - offset(t) that wraps around a row, plane or sample lands on a zero (no-output) position.
     Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset]."""
     raw, kernel = residuals
-    cout, b = dyt.shape[:2]
+    b = dyt.shape[1]
     taps, cin = kernel.shape[0], kernel.shape[3]
     d, h, w = (s + taps - 1 for s in dyt.shape[2:])
     n = b * d * h * w
     grid = (d, h, w)
-    shift = _max_offset(grid, taps)
-    # dy placed at corner (taps - 1,) * 3 of each sample's grid = the flat gradient shifted right by `shift`
-    # (every shifted position stays inside its sample), plus one zero sample of tail: the input of the dx product,
-    # and, sliced, of the kernel gradient. Padding the 5D array before the identity product is one cheap pass; a
-    # flat pad after a 5D one is fused into the copies, where it costs far more per element.
+    # dy placed at corner (taps - 1,) * 3 of each sample's grid = the flat gradient shifted right by the largest
+    # offset (`_max_offset`; every shifted position stays inside its sample), plus one zero sample of tail: the
+    # input of the dx product, and, sliced, of the kernel gradient. Padding the 5D array before the identity
+    # product is one cheap pass; a flat pad after a 5D one is fused into the copies, where it costs far more per
+    # element.
     edge = (taps - 1, 0)
     placed = jnp.pad(dyt.astype(kernel.dtype), ((0, 0), (0, 1), edge, edge, edge))
     dy_raw = _payload(placed)
     flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
     dx = _flat_conv(dy_raw, flipped, grid, n, winograd).astype(kernel.dtype)
+    return dx.reshape(cin, b, d, h, w), _cm_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype)
 
+
+def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32):
+    """The kernel gradient from the payloads of the input (Cin, L) and of the output gradient placed on the input
+    grid (`_cm_backward`): dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset], one product
+    contracting the long axis, its result in `result_dtype` (f32 for YNNPACK; the kernel's dtype lets oneDNN run
+    bf16 at full speed, see `conv3d_onednn`)."""
+    taps, cin, cout = kernel_shape[0], kernel_shape[3], kernel_shape[4]
+    n = raw.shape[1]
     inner, outer, offsets = _cm_plan(grid, cin, cout, taps)
     length = n - (taps - 1) * sum(inner)
-    cols = _values(_tap_rows(raw, inner, length, taps=taps), kernel.dtype)
-    shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True, taps=taps),
-                      kernel.dtype)
+    shift = _max_offset(grid, taps)
+    cols = _values(_tap_rows(raw, inner, length, taps=taps), dtype)
+    shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True, taps=taps), dtype)
     grad = lax.dot_general(cols, shifted, (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)  # (taps_in Cin, taps_out Cout)
+                           preferred_element_type=result_dtype)  # (taps_in Cin, taps_out Cout)
     n_inner, n_outer = len(inner), len(outer)
     grad = grad.reshape((taps,) * n_inner + (cin,) + (taps,) * n_outer + (cout,))
     order = tuple(range(n_inner + 1, 4)) + tuple(range(n_inner)) + (n_inner, 4)
-    return dx.reshape(cin, b, d, h, w), grad.transpose(order).astype(kernel.dtype)
+    return grad.transpose(order).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -322,19 +338,103 @@ def conv3d_winograd(x, kernel):
     return conv3d_cm(x, kernel, winograd=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# oneDNN's convolution ("onednn")
+#
+# Up to jax 0.6, XLA:CPU's classic runtime (`--xla_cpu_use_thunk_runtime=false`, set by `use_classic_cpu_runtime`
+# before the backend starts) hands a convolution whose operands and result share a dtype to oneDNN's direct
+# convolution: on AVX-512 CPUs several times XLA's own convolution and above our products (RESULTS.md). Later
+# jax versions dropped that runtime; there this form is still correct, but slow.
+
+CLASSIC_RUNTIME_FLAG = "--xla_cpu_use_thunk_runtime=false"
+
+
+def use_classic_cpu_runtime(enable: bool = True) -> None:
+    """Ask XLA:CPU for its classic runtime (oneDNN convolutions) where this jax still has it (< 0.7), or withdraw
+    that request: that runtime cannot run collectives, so several devices or processes need the default one
+    (`mrijax.cli.use_cpu_devices`; not requested when XLA_FLAGS already asks for several host devices). Takes effect
+    only before the first computation, and leaves a setting of the user's own in XLA_FLAGS alone;
+    `onednn_convolutions` says which runtime compiled."""
+    before = os.environ.get("XLA_FLAGS", "")
+    flags = before.split()
+    several = any(f.startswith("--xla_force_host_platform_device_count=") and f.split("=")[1] != "1" for f in flags)
+    if enable and _jax_version() < (0, 7) and not several and not any("xla_cpu_use_thunk_runtime" in f for f in flags):
+        flags.append(CLASSIC_RUNTIME_FLAG)
+    elif not enable and CLASSIC_RUNTIME_FLAG in flags:
+        flags.remove(CLASSIC_RUNTIME_FLAG)
+    if flags != before.split():
+        os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def _jax_version() -> tuple:
+    return tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+
+use_classic_cpu_runtime()  # at import: models and inference import this module before they compute anything
+
+
+@functools.cache
+def onednn_convolutions() -> bool:
+    """Whether XLA compiles a 3D convolution on this backend to oneDNN's (read from the compiled program)."""
+    if jax.default_backend() != "cpu":
+        return False
+    x = jax.ShapeDtypeStruct((1, 4, 4, 4, 2), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 3, 2, 2), jnp.float32)
+    return "__onednn$convolution" in jax.jit(_lib_conv).lower(x, k).compile().as_text()
+
+
+def _lib_conv(x, kernel):
+    """lax.conv with its result in the operands' dtype: the form oneDNN takes (an f32 result from bf16 operands
+    runs several times slower); oneDNN accumulates in f32 and rounds the result once, as PyTorch's bf16 does."""
+    return lax.conv_general_dilated(x, kernel, (1, 1, 1), "VALID", dimension_numbers=DIMENSION_NUMBERS)
+
+
+@jax.custom_vjp
+def conv3d_onednn(x, kernel):
+    """VALID conv of channels-last x with a (k, k, k, Cin, Cout) kernel (same dtype), f32 result: the forward and
+    the input gradient as convolutions (oneDNN's under the classic runtime), the kernel gradient as one product
+    over channel-major tap rows (`_cm_kernel_grad`), since oneDNN runs XLA's kernel-gradient convolution (a window
+    the size of the volume) several times slower."""
+    return _lib_conv(x, kernel).astype(jnp.float32)
+
+
+def _onednn_forward(x, kernel):
+    return conv3d_onednn(x, kernel), (x, kernel)
+
+
+def _onednn_backward(residuals, dy):
+    x, kernel = residuals
+    edge = kernel.shape[0] - 1
+    dy = dy.astype(kernel.dtype)
+    full = jnp.pad(dy, ((0, 0),) + ((edge, edge),) * 3 + ((0, 0),))
+    dx = _lib_conv(full, kernel[::-1, ::-1, ::-1].swapaxes(3, 4))
+    raw = _bits(_to_channel_major(x))
+    placed = jnp.pad(_to_channel_major(dy).reshape((dy.shape[-1],) + dy.shape[:-1]), ((0, 0), (0, 1)) + ((edge, 0),) * 3)
+    dy_raw = _bits(placed.reshape(placed.shape[0], -1))
+    dk = _cm_kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype)
+    return dx.astype(x.dtype), dk
+
+
+conv3d_onednn.defvjp(_onednn_forward, _onednn_backward)
+
+
 def resolve(impl: str) -> str:
-    """The form "auto" stands for on the default backend: "winograd" on CPUs, where it beats "cm" and XLA's CPU
-    convolution (RESULTS.md); XLA's convolution (cuDNN) elsewhere. Other names stand for themselves."""
+    """The form "auto" stands for on the default backend: on CPUs "onednn" where XLA hands convolutions to oneDNN
+    (`onednn_convolutions`), else "winograd", which beats "cm" and XLA's own CPU convolution (RESULTS.md); XLA's
+    convolution (cuDNN) elsewhere. Other names stand for themselves."""
     if impl != "auto":
         return impl
-    return "winograd" if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "onednn" if onednn_convolutions() else "winograd"
 
 
 def conv3d_auto(x, kernel):
     return IMPLEMENTATIONS[resolve("auto")](x, kernel)
 
 
-IMPLEMENTATIONS = {"xla": conv3d_xla, "cm": conv3d_cm, "winograd": conv3d_winograd, "auto": conv3d_auto}
+IMPLEMENTATIONS = {"xla": conv3d_xla, "cm": conv3d_cm, "winograd": conv3d_winograd, "onednn": conv3d_onednn,
+                   "auto": conv3d_auto}
 DEFAULT_IMPL = "auto"
 
 

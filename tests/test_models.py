@@ -100,16 +100,17 @@ def test_max_pool_matches_flax_in_values_and_gradients(axes):
     np.testing.assert_array_equal(jax.grad(lambda x: loss(ours, x))(x), jax.grad(lambda x: loss(flax_pool, x))(x))
 
 
+@pytest.mark.parametrize("impl", ["winograd", "auto"])
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.bfloat16, 2e-2), (jnp.float32, 1e-5)])
-def test_network_in_channel_major_layout_matches_the_reference(dtype, tolerance):
-    """On CPU "auto" keeps the whole network channel-major; it must compute what "xla" computes."""
-    on_cpu = jax.default_backend() == "cpu"
-    assert ops.channel_major("auto") == on_cpu
+def test_fast_network_matches_the_reference(impl, dtype, tolerance):
+    """"winograd" keeps the whole network channel-major, "auto" is the fast form of this backend; both compute
+    what "xla" computes."""
+    assert ops.channel_major("winograd")
     variables = models.init_variables("base", seed=3)
     x = jax.random.uniform(jax.random.PRNGKey(7), (1, 40, 38, 42, 1))
     with jax.default_matmul_precision("highest"):
         want = jax.jit(models.build_model("base", impl="xla", compute_dtype=dtype).apply)(variables, x)
-    got = jax.jit(models.build_model("base", impl="auto", compute_dtype=dtype).apply)(variables, x)
+    got = jax.jit(models.build_model("base", impl=impl, compute_dtype=dtype).apply)(variables, x)
     assert got.shape == want.shape == (1, 18, 16, 20, 1)
     assert float(jnp.max(jnp.abs(got - want))) < tolerance
 
@@ -121,10 +122,11 @@ def test_channel_major_network_transposes_once(monkeypatch):
     monkeypatch.setattr(ops, "to_channel_major", lambda x: calls.append(x.shape) or transpose(x))
     variables = models.init_variables("base", seed=3)
     x = jax.ShapeDtypeStruct((1, 38, 38, 38, 1), jnp.float32)
-    cpu = jax.default_backend() == "cpu"
-    # "auto" is channel-major on a CPU ("winograd": one transpose); "xla" stays channels-last (none)
-    cases = [("cm", jnp.float32, 1), ("auto", jnp.bfloat16, 1 if cpu else 0), ("auto", jnp.float32, 1 if cpu else 0),
-             ("xla", jnp.float32, 0)]
+    auto = 1 if ops.channel_major("auto") else 0
+    # "cm" and "winograd" are channel-major (one transpose); "xla" and "onednn" stay channels-last (none); "auto"
+    # is whichever is fast here (tests/test_ops.py)
+    cases = [("cm", jnp.float32, 1), ("winograd", jnp.bfloat16, 1), ("auto", jnp.bfloat16, auto),
+             ("auto", jnp.float32, auto), ("xla", jnp.float32, 0), ("onednn", jnp.float32, 0)]
     for impl, dtype, expected in cases:
         calls.clear()
         jax.make_jaxpr(lambda v, a: models.build_model("base", impl=impl, compute_dtype=dtype).apply(v, a))(

@@ -7,7 +7,7 @@ import pytest
 from mrijax import config, models, ops
 
 FAST_IMPLS = [name for name in ops.IMPLEMENTATIONS if name != "xla"]
-LAYER_IMPLS = ["cm", "winograd"]  # "auto" is one of them on every backend (test_auto_is_winograd_on_cpus...)
+LAYER_IMPLS = ["cm", "winograd", "onednn"]  # "auto" is one of them (test_auto_picks_...)
 F32_RTOL = 1e-5  # relative to the largest magnitude: both sides sum the same products in another order
 BF16_RTOL = 2e-2  # bf16 rounding (8 mantissa bits) of products taken in a different order than the reference
 
@@ -92,11 +92,11 @@ def test_unknown_impl_is_refused():
 
 
 def test_implementations_and_default():
-    """The forms there are: the reference, the channel-major products (direct and Winograd) and the choice by
-    backend."""
-    assert set(ops.IMPLEMENTATIONS) == {"xla", "cm", "winograd", "auto"}
+    """The forms there are: the reference, the channel-major products (direct and Winograd), oneDNN's convolution
+    and the choice by backend."""
+    assert set(ops.IMPLEMENTATIONS) == {"xla", "cm", "winograd", "onednn", "auto"}
     assert config.IMPLS == tuple(ops.IMPLEMENTATIONS)  # the --impl choices, named without importing JAX
-    assert FAST_IMPLS == ["cm", "winograd", "auto"]
+    assert FAST_IMPLS == ["cm", "winograd", "onednn", "auto"]
     assert ops.DEFAULT_IMPL == "auto"
 
 
@@ -104,19 +104,39 @@ def _jaxpr(impl, x, kernel, bias):
     return str(jax.make_jaxpr(jax.grad(lambda a, k: jnp.sum(ops.conv3d(a, k, bias, impl=impl))))(x, kernel))
 
 
-def test_auto_is_winograd_on_cpus_and_xla_elsewhere():
-    """"auto" = on CPU the channel-major products with Winograd's W taps, "winograd", for every layer (never XLA's
-    convolution), XLA's elsewhere."""
-    assert ops.resolve("auto") == ("winograd" if jax.default_backend() == "cpu" else "xla")
-    assert ops.channel_major("auto") == (jax.default_backend() == "cpu")
+def auto_on_this_backend() -> str:
+    """What "auto" must be here: on CPU oneDNN's convolution when XLA compiles convolutions to it, else "winograd"."""
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "onednn" if ops.onednn_convolutions() else "winograd"
+
+
+def test_auto_picks_the_fast_form_of_this_backend():
+    """"auto" = on CPU oneDNN's convolution where XLA hands convolutions to it (jax < 0.7, classic runtime), else
+    the channel-major products with Winograd's W taps, "winograd", for every layer (never XLA's own convolution);
+    XLA's convolution elsewhere."""
+    expected = auto_on_this_backend()
+    assert ops.resolve("auto") == expected
+    assert ops.channel_major("auto") == (expected in ("cm", "winograd"))
+    assert ops.onednn_convolutions() == (jax.default_backend() == "cpu" and ops._jax_version() < (0, 7))
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
-        uses_xla_conv = "conv_general_dilated" in _jaxpr("auto", x, kernel, bias)
-        assert uses_xla_conv == (jax.default_backend() != "cpu")
-        if jax.default_backend() == "cpu":
-            assert _jaxpr("auto", x, kernel, bias) == _jaxpr("winograd", x, kernel, bias)
+        assert _jaxpr("auto", x, kernel, bias) == _jaxpr(expected, x, kernel, bias)
+        assert ("conv_general_dilated" in _jaxpr("auto", x, kernel, bias)) == (expected in ("xla", "onednn"))
         np.testing.assert_allclose(ops.conv3d(x, kernel, bias, impl="auto"), ops.conv3d(x, kernel, bias, impl="xla"),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_runs_a_library_convolution_where_available():
+    """Under jax < 0.7 importing mrijax asks XLA:CPU for its classic runtime, which compiles the "onednn" form's
+    convolutions (forward and input gradient) to oneDNN calls; its kernel gradient stays one product."""
+    if not ops.onednn_convolutions():
+        pytest.skip(f"XLA does not hand convolutions to oneDNN with jax {jax.__version__} on this backend")
+    x, kernel, bias, projection = random_layer((1, 8, 9, 10, 16, 16))
+    loss = lambda a, k: jnp.sum(ops.conv3d(a, k, bias, impl="onednn") * projection)
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+    assert hlo.count('custom_call_target="__onednn$convolution"') == 2  # the value and the input gradient
+    assert " convolution(" not in hlo
 
 
 @pytest.mark.parametrize("shape,applies", [

@@ -132,6 +132,9 @@ def use_cpu_devices(n: int) -> None:
     if n != 1:
         import jax
 
+        from mrijax import ops
+
+        ops.use_classic_cpu_runtime(False)  # it has no collectives: a pmapped step would abort
         jax.config.update("jax_num_cpu_devices", n)
 
 
@@ -142,6 +145,10 @@ def init_distributed(args) -> None:
     if not args.coordinator:
         return
     import jax
+
+    from mrijax import ops
+
+    ops.use_classic_cpu_runtime(False)  # it has no collectives
 
     if not 0 <= args.process_id < args.num_processes:
         raise ValueError(f"--process-id {args.process_id} must be in [0, {args.num_processes})")
