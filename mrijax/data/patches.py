@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import grain
 import numpy as np
 
 from mrijax.data.augment import augment_source, strip_edge
@@ -142,6 +141,8 @@ def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[in
         raise DataError(f"{', '.join(missing)}: no target image loaded; training patches need source and target")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
+    import grain  # here, not at module import: synthesis never needs it (and grain warns on jax 0.6's jaxlib)
+
     records = np.asarray(records, dtype=np.int32).reshape(-1, 4)
     dataset = grain.MapDataset.source(records)
     if shuffle:
