@@ -409,7 +409,8 @@ def _onednn_backward(residuals, dy):
     full = jnp.pad(dy, ((0, 0),) + ((edge, edge),) * 3 + ((0, 0),))
     dx = _lib_conv(full, kernel[::-1, ::-1, ::-1].swapaxes(3, 4))
     raw = _bits(_to_channel_major(x))
-    placed = jnp.pad(_to_channel_major(dy).reshape((dy.shape[-1],) + dy.shape[:-1]), ((0, 0), (0, 1)) + ((edge, 0),) * 3)
+    dyt = _to_channel_major(dy).reshape((dy.shape[-1],) + dy.shape[:-1])
+    placed = jnp.pad(dyt, ((0, 0), (0, 1)) + ((edge, 0),) * 3)  # on the input grid, as in `_cm_backward`
     dy_raw = _bits(placed.reshape(placed.shape[0], -1))
     dk = _cm_kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype)
     return dx.astype(x.dtype), dk
