@@ -375,8 +375,9 @@ use_classic_cpu_runtime()  # at import: models and inference import this module 
 
 @functools.cache
 def onednn_convolutions() -> bool:
-    """Whether XLA compiles a 3D convolution on this backend to oneDNN's (read from the compiled program)."""
-    if jax.default_backend() != "cpu":
+    """Whether XLA compiles a 3D convolution on this backend to oneDNN's (read from the compiled program, where a
+    classic runtime can exist: a CPU and jax < 0.7)."""
+    if jax.default_backend() != "cpu" or _jax_version() >= (0, 7):
         return False
     x = jax.ShapeDtypeStruct((1, 4, 4, 4, 2), jnp.float32)
     k = jax.ShapeDtypeStruct((3, 3, 3, 2, 2), jnp.float32)
