@@ -262,17 +262,25 @@ def _cm_backward(winograd, residuals, dyt):
     d, h, w = (s + taps - 1 for s in dyt.shape[2:])
     n = b * d * h * w
     grid = (d, h, w)
-    # dy placed at corner (taps - 1,) * 3 of each sample's grid = the flat gradient shifted right by the largest
-    # offset (`_max_offset`; every shifted position stays inside its sample), plus one zero sample of tail: the
-    # input of the dx product, and, sliced, of the kernel gradient. Padding the 5D array before the identity
-    # product is one cheap pass; a flat pad after a 5D one is fused into the copies, where it costs far more per
-    # element.
-    edge = (taps - 1, 0)
-    placed = jnp.pad(dyt.astype(kernel.dtype), ((0, 0), (0, 1), edge, edge, edge))
-    dy_raw = _payload(placed)
-    flipped = kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
-    dx = _flat_conv(dy_raw, flipped, grid, n, winograd).astype(kernel.dtype)
+    # Padding the 5D array before the identity product is one cheap pass; a flat pad after a 5D one is fused into
+    # the copies, where it costs far more per element.
+    dy_raw = _payload(_on_input_grid(dyt.astype(kernel.dtype), taps))
+    dx = _flat_conv(dy_raw, _transposed_kernel(kernel), grid, n, winograd).astype(kernel.dtype)
     return dx.reshape(cin, b, d, h, w), _cm_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype)
+
+
+def _on_input_grid(dyt, taps):
+    """The channel-major output gradient (Cout, B, D', H', W') placed at corner (taps - 1,) * 3 of each sample's
+    input grid, = the flat gradient shifted right by the largest offset (`_max_offset`; every shifted position
+    stays inside its sample), plus one zero sample of tail: the input of the dx product and, sliced, of the kernel
+    gradient."""
+    edge = (taps - 1, 0)
+    return jnp.pad(dyt, ((0, 0), (0, 1), edge, edge, edge))
+
+
+def _transposed_kernel(kernel):
+    """The kernel of the input gradient: flipped along D, H and W, input and output channels swapped."""
+    return kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
 
 
 def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32):
@@ -352,12 +360,13 @@ CLASSIC_RUNTIME_FLAG = "--xla_cpu_use_thunk_runtime=false"
 def use_classic_cpu_runtime(enable: bool = True) -> None:
     """Ask XLA:CPU for its classic runtime (oneDNN convolutions) where this jax still has it (< 0.7), or withdraw
     that request: that runtime cannot run collectives, so several devices or processes need the default one
-    (`mrijax.cli.use_cpu_devices`; not requested when XLA_FLAGS already asks for several host devices). Takes effect
-    only before the first computation, and leaves a setting of the user's own in XLA_FLAGS alone;
-    `onednn_convolutions` says which runtime compiled."""
+    (`mrijax.cli.use_cpu_devices`; not requested when XLA_FLAGS or `jax_num_cpu_devices` already asks for
+    several host devices). Takes effect only before the first computation, and leaves a setting of the user's own
+    in XLA_FLAGS alone; `onednn_convolutions` says which runtime compiled."""
     before = os.environ.get("XLA_FLAGS", "")
     flags = before.split()
-    several = any(f.startswith("--xla_force_host_platform_device_count=") and f.split("=")[1] != "1" for f in flags)
+    several = (getattr(jax.config, "jax_num_cpu_devices", -1) > 1
+               or any(f.startswith("--xla_force_host_platform_device_count=") and f.split("=")[1] != "1" for f in flags))
     if enable and _jax_version() < (0, 7) and not several and not any("xla_cpu_use_thunk_runtime" in f for f in flags):
         flags.append(CLASSIC_RUNTIME_FLAG)
     elif not enable and CLASSIC_RUNTIME_FLAG in flags:
@@ -405,13 +414,12 @@ def _onednn_forward(x, kernel):
 
 def _onednn_backward(residuals, dy):
     x, kernel = residuals
-    edge = kernel.shape[0] - 1
+    taps = kernel.shape[0]
     dy = dy.astype(kernel.dtype)
-    full = jnp.pad(dy, ((0, 0),) + ((edge, edge),) * 3 + ((0, 0),))
-    dx = _lib_conv(full, kernel[::-1, ::-1, ::-1].swapaxes(3, 4))
+    full = jnp.pad(dy, ((0, 0),) + ((taps - 1, taps - 1),) * 3 + ((0, 0),))
+    dx = _lib_conv(full, _transposed_kernel(kernel))
     raw = _bits(_to_channel_major(x))
-    dyt = _to_channel_major(dy).reshape((dy.shape[-1],) + dy.shape[:-1])
-    placed = jnp.pad(dyt, ((0, 0), (0, 1)) + ((edge, 0),) * 3)  # on the input grid, as in `_cm_backward`
+    placed = _on_input_grid(to_channel_major(dy), taps)
     dy_raw = _bits(placed.reshape(placed.shape[0], -1))
     dk = _cm_kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype)
     return dx.astype(x.dtype), dk
