@@ -104,21 +104,16 @@ def _jaxpr(impl, x, kernel, bias):
     return str(jax.make_jaxpr(jax.grad(lambda a, k: jnp.sum(ops.conv3d(a, k, bias, impl=impl))))(x, kernel))
 
 
-def auto_on_this_backend() -> str:
-    """What "auto" must be here: on CPU oneDNN's convolution when XLA compiles convolutions to it, else "winograd"."""
-    if jax.default_backend() != "cpu":
-        return "xla"
-    return "onednn" if ops.onednn_convolutions() else "winograd"
-
-
 def test_auto_picks_the_fast_form_of_this_backend():
-    """"auto" = on CPU oneDNN's convolution where XLA hands convolutions to it (jax < 0.7, classic runtime), else
-    the channel-major products with Winograd's W taps, "winograd", for every layer (never XLA's own convolution);
-    XLA's convolution elsewhere."""
-    expected = auto_on_this_backend()
+    """"auto" = on CPU oneDNN's convolution where XLA hands convolutions to it (jax < 0.7, whose classic runtime
+    importing mrijax requests), else the channel-major products with Winograd's W taps, "winograd", for every layer
+    (never XLA's own convolution); XLA's convolution elsewhere."""
+    if jax.default_backend() != "cpu":
+        expected = "xla"
+    else:
+        expected = "onednn" if tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 7) else "winograd"
     assert ops.resolve("auto") == expected
-    assert ops.channel_major("auto") == (expected in ("cm", "winograd"))
-    assert ops.onednn_convolutions() == (jax.default_backend() == "cpu" and ops._jax_version() < (0, 7))
+    assert ops.channel_major("auto") == (expected == "winograd")
     for channels in (32, 48):
         x, kernel, bias, _ = random_layer((1, 6, 7, 8, channels, channels))
         assert _jaxpr("auto", x, kernel, bias) == _jaxpr(expected, x, kernel, bias)
