@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mrijax import ops
+from mrijax import norm, ops
 from mrijax.architectures import (  # noqa: F401  (re-exported: models.margin, models.VARIANTS, ...)
     AXES, VARIANTS, CAEConfig, configure, get_config, input_shape, margin, output_shape, shift_multiple,
 )
@@ -222,7 +222,7 @@ class CAE(nn.Module):
             conv_index += 1
             suffix = "".join(a for a in AXES if a in pooled) or "full"
             if conv_index > 1:
-                x = nn.BatchNorm(
+                x = norm.BatchNorm(
                     use_running_average=not train, axis=channels, momentum=self.bn_momentum,
                     epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, name=f"bn{conv_index}_{suffix}",
                 )(x)

@@ -1,0 +1,113 @@
+"""BatchNorm with flax's variables and semantics, its per-channel sums written as matrix products.
+
+Batch statistics and their gradients are sums over every axis but the channel one. XLA:CPU's classic runtime (the
+[onednn] install, jax 0.6.2) runs such reductions several times more slowly than products of rows of ones with the
+activations, and less exactly when compiled without LLVM's optimisations (RESULTS.md); the products cost about the
+same as the reductions on the default install. The variance is two-pass, E[(x - mean)^2], more exact than flax's
+default E[x^2] - E[x]^2, which cancels digits.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def channel_sums(x, channels_last: bool):
+    """f32 per-channel sums of x over every axis but the channel one (the last, else the first).
+
+    As products of rows of ones with x in blocks of the two minor voxel axes (H*W): channels last, a batch of B*D
+    products (1, H*W) @ (H*W, C); channels first, one (C*B*D, H*W) @ (H*W,); then a sum over the B*D blocks. The
+    products run on the CPU's matrix library, and their sequential accumulation runs over H*W voxels only, not over
+    all of them. XLA:CPU's classic runtime (the [onednn] install, jax 0.6.2) reduces over major axes several times
+    more slowly, and without LLVM's optimisations (the tests') less exactly (RESULTS.md)."""
+    if x.ndim < 4:
+        raise ValueError(f"channel_sums takes (B, D, ..., C) or (C, B, D, ...) activations, got shape {x.shape}")
+    if channels_last:
+        blocks = x.reshape(x.shape[0] * x.shape[1], -1, x.shape[-1])
+        ones = jnp.ones(blocks.shape[:2], x.dtype)
+        sums = lax.dot_general(ones, blocks, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+        return jnp.sum(sums, axis=0)
+    rows = x.reshape(x.shape[0] * x.shape[1] * x.shape[2], -1)
+    sums = lax.dot_general(rows, jnp.ones((rows.shape[1],), x.dtype), (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+    return jnp.sum(sums.reshape(x.shape[0], -1), axis=1)
+
+
+def _per_channel(v, x, channels_last):
+    """v (C,) shaped to broadcast against x along its channel axis."""
+    return v if channels_last else v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _mean(x, channels_last, axis_name):
+    m = channel_sums(x, channels_last) * (x.shape[-1 if channels_last else 0] / x.size)
+    return m if axis_name is None else lax.pmean(m, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_normalize(x, scale, bias, channels_last, epsilon, axis_name):
+    """Training-mode BatchNorm: (y, batch mean, batch variance), the statistics over the whole batch, across
+    devices with `axis_name` (pmap)."""
+    return _normalize(x, scale, bias, channels_last, epsilon, axis_name)[0]
+
+
+def _normalize(x, scale, bias, channels_last, epsilon, axis_name):
+    mean = _mean(x, channels_last, axis_name)
+    centred = x - _per_channel(mean, x, channels_last)
+    var = _mean(centred * centred, channels_last, axis_name)
+    inv = lax.rsqrt(var + epsilon)
+    y = centred * _per_channel(inv * scale, x, channels_last) + _per_channel(bias, x, channels_last)
+    return (y, mean, var), (centred, inv, scale)
+
+
+def _normalize_backward(channels_last, epsilon, axis_name, residuals, cotangents):
+    """dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)), xhat = (x - mean) * inv, the means over the
+    global batch; the statistics' own cotangents are ignored (they only feed the running averages)."""
+    centred, inv, scale = residuals
+    g = cotangents[0]
+    c = scale.shape[0]
+    sum_g, sum_gc = channel_sums(g, channels_last), channel_sums(g * centred, channels_last)
+    dscale, dbias = sum_gc * inv, sum_g
+    count = g.size // c
+    if axis_name is not None:
+        (sum_g, sum_gc), count = lax.psum((sum_g, sum_gc), axis_name), count * lax.psum(1, axis_name)
+    shift = _per_channel(sum_g / count, g, channels_last)
+    slope = _per_channel(sum_gc * inv * inv / count, g, channels_last)
+    dx = (g - shift - centred * slope) * _per_channel(scale * inv, g, channels_last)
+    return dx.astype(g.dtype), dscale, dbias
+
+
+batch_normalize.defvjp(_normalize, _normalize_backward)
+
+
+class BatchNorm(nn.Module):
+    """`flax.linen.BatchNorm`'s variables (params scale, bias; batch_stats mean, var) and running-average update,
+    with `batch_normalize`'s statistics; `axis` is the channel axis, the first or the last."""
+
+    use_running_average: bool = False
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        if self.axis % x.ndim not in (0, x.ndim - 1):
+            raise ValueError(f"BatchNorm's channel axis must be the first or the last, got {self.axis}")
+        channels_last = self.axis % x.ndim != 0
+        c = x.shape[self.axis]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        if self.use_running_average:
+            k = lax.rsqrt(ra_var.value + self.epsilon) * scale
+            centred = x - _per_channel(ra_mean.value, x, channels_last)
+            return centred * _per_channel(k, x, channels_last) + _per_channel(bias, x, channels_last)
+        y, mean, var = batch_normalize(x, scale, bias, channels_last, self.epsilon, self.axis_name)
+        if not self.is_initializing():
+            keep = self.momentum
+            ra_mean.value = keep * ra_mean.value + (1 - keep) * lax.stop_gradient(mean)
+            ra_var.value = keep * ra_var.value + (1 - keep) * lax.stop_gradient(var)
+        return y

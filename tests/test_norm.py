@@ -1,0 +1,101 @@
+"""mrijax's BatchNorm: flax's (two-pass variance) in values, running statistics and gradients, in both layouts,
+synchronised across devices, and exact where flax's default one-pass variance cancels."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrijax import norm
+
+SETTINGS = dict(momentum=0.9, epsilon=1e-3)
+
+
+def _data(shape, seed=0, offset=5.0, spread=3.0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) * spread + offset).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+
+
+def _variables(module, x):
+    """Initial variables moved away from (1, 0) so that scale, bias and the running statistics all matter."""
+    v = module.init(jax.random.PRNGKey(0), x)
+    return jax.tree.map(lambda a: a + 0.1 * jnp.arange(1, a.size + 1, dtype=a.dtype).reshape(a.shape), v)
+
+
+def _train_mode(module, variables, x, weights):
+    """Output, updated batch_stats, and the gradients of sum(sin(y) * weights) w.r.t. params and input."""
+    y, updates = module.apply(variables, x, mutable=["batch_stats"])
+
+    def loss(params, x):
+        out = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])[0]
+        return jnp.sum(jnp.sin(out) * weights)
+
+    grads = jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+    return y, updates["batch_stats"], grads
+
+
+@pytest.mark.parametrize("axis,shape", [(-1, (2, 6, 7, 5, 8)), (0, (8, 2, 6, 7, 5))])
+def test_batchnorm_matches_flax_in_both_layouts(axis, shape):
+    x, weights = _data(shape)
+    ours = norm.BatchNorm(axis=axis, **SETTINGS)
+    flax_bn = nn.BatchNorm(use_running_average=False, axis=axis, use_fast_variance=False, **SETTINGS)
+    variables = _variables(ours, x)
+    assert jax.tree.structure(variables) == jax.tree.structure(flax_bn.init(jax.random.PRNGKey(0), x))
+    got, want = _train_mode(ours, variables, x, weights), _train_mode(flax_bn, variables, x, weights)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    # and against float64 arithmetic: the normalised output and the running statistics
+    reduce = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    wide = x.astype(np.float64)
+    mean, var = wide.mean(reduce, keepdims=True), wide.var(reduce, keepdims=True)
+    per_channel = [1] * len(shape)
+    per_channel[axis] = -1
+    scale, bias = (np.asarray(variables["params"][k], np.float64).reshape(per_channel) for k in ("scale", "bias"))
+    np.testing.assert_allclose(np.asarray(got[0]), (wide - mean) / np.sqrt(var + 1e-3) * scale + bias, atol=1e-5)
+    old = variables["batch_stats"]
+    np.testing.assert_allclose(np.asarray(got[1]["var"]), 0.9 * np.asarray(old["var"]) + 0.1 * var.ravel(),
+                               rtol=1e-6)
+
+
+def test_running_average_mode_matches_flax():
+    x, _ = _data((2, 5, 6, 7, 4), seed=1)
+    ours = norm.BatchNorm(use_running_average=True, **SETTINGS)
+    variables = _variables(ours, x)
+    want = nn.BatchNorm(use_running_average=True, **SETTINGS).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(ours.apply(variables, x)), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_variance_is_exact_where_one_pass_cancels():
+    """A large mean and a small spread: E[x^2] - E[x]^2 loses the variance; the two passes keep it."""
+    x, _ = _data((4, 6, 6, 6, 3), seed=2, offset=300.0, spread=0.05)
+    ours = norm.BatchNorm(**SETTINGS)
+    stats = ours.apply(_variables(ours, x), x, mutable=["batch_stats"])[1]["batch_stats"]
+    var = x.astype(np.float64).reshape(-1, 3).var(0)
+    old = np.asarray(_variables(ours, x)["batch_stats"]["var"], np.float64)
+    np.testing.assert_allclose((np.asarray(stats["var"]) - 0.9 * old) / 0.1, var, rtol=1e-3)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_statistics_are_synchronised_across_devices(axis):
+    """Two replicas with `axis_name` normalise by the global batch's statistics, and their input gradients are the
+    gradients of the summed loss, as one BatchNorm over the joined batch gives (vmap stands for pmap)."""
+    x, weights = _data((2, 8, 3, 4, 5, 6) if axis == 0 else (2, 3, 4, 5, 6, 8), seed=3)
+    join = (lambda a: np.concatenate(list(a), axis=1)) if axis == 0 else (lambda a: np.concatenate(list(a), axis=0))
+    one = norm.BatchNorm(axis=axis, **SETTINGS)
+    synced = norm.BatchNorm(axis=axis, axis_name="devices", **SETTINGS)
+    variables = _variables(one, join(x))
+
+    def loss(module, x, w):
+        return jnp.sum(jnp.sin(module.apply(variables, x, mutable=["batch_stats"])[0]) * w)
+
+    y = jax.vmap(lambda a: synced.apply(variables, a, mutable=["batch_stats"])[0], axis_name="devices")(x)
+    dx = jax.vmap(jax.grad(lambda a, w: loss(synced, a, w)), axis_name="devices")(x, weights)
+    want_y = one.apply(variables, join(x), mutable=["batch_stats"])[0]
+    want_dx = jax.grad(lambda a: loss(one, a, join(weights)))(join(x))
+    np.testing.assert_allclose(join(np.asarray(y)), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(join(np.asarray(dx)), np.asarray(want_dx), rtol=1e-4, atol=1e-5)
+
+
+def test_a_middle_channel_axis_is_refused():
+    with pytest.raises(ValueError, match="channel axis"):
+        norm.BatchNorm(axis=2).init(jax.random.PRNGKey(0), jnp.ones((2, 3, 4, 5)))
