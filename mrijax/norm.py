@@ -63,18 +63,21 @@ def _normalize(x, scale, bias, channels_last, epsilon, axis_name):
 
 def _normalize_backward(channels_last, epsilon, axis_name, residuals, cotangents):
     """dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)), xhat = (x - mean) * inv, the means over the
-    global batch; the statistics' own cotangents are ignored (they only feed the running averages)."""
+    global batch; plus the paths through the returned statistics (the running averages), d mean / dx = 1 / n and
+    d var / dx = 2 (x - mean) / n."""
     centred, inv, scale = residuals
-    g = cotangents[0]
+    g, g_mean, g_var = cotangents
     c = scale.shape[0]
     sum_g, sum_gc = channel_sums(g, channels_last), channel_sums(g * centred, channels_last)
     dscale, dbias = sum_gc * inv, sum_g
     count = g.size // c
     if axis_name is not None:
-        (sum_g, sum_gc), count = lax.psum((sum_g, sum_gc), axis_name), count * lax.psum(1, axis_name)
-    shift = _per_channel(sum_g / count, g, channels_last)
-    slope = _per_channel(sum_gc * inv * inv / count, g, channels_last)
-    dx = (g - shift - centred * slope) * _per_channel(scale * inv, g, channels_last)
+        (sum_g, sum_gc, g_mean, g_var), count = (lax.psum((sum_g, sum_gc, g_mean, g_var), axis_name),
+                                                 count * lax.psum(1, axis_name))
+    k = scale * inv
+    shift, offset = _per_channel(sum_g / count, g, channels_last), _per_channel(g_mean / count, g, channels_last)
+    slope = _per_channel((2 * g_var - sum_gc * inv * inv * k) / count, g, channels_last)
+    dx = (g - shift) * _per_channel(k, g, channels_last) + centred * slope + offset
     return dx.astype(g.dtype), dscale, dbias
 
 
@@ -108,6 +111,6 @@ class BatchNorm(nn.Module):
         y, mean, var = batch_normalize(x, scale, bias, channels_last, self.epsilon, self.axis_name)
         if not self.is_initializing():
             keep = self.momentum
-            ra_mean.value = keep * ra_mean.value + (1 - keep) * lax.stop_gradient(mean)
-            ra_var.value = keep * ra_var.value + (1 - keep) * lax.stop_gradient(var)
+            ra_mean.value = keep * ra_mean.value + (1 - keep) * mean
+            ra_var.value = keep * ra_var.value + (1 - keep) * var
         return y

@@ -57,6 +57,26 @@ def test_batchnorm_matches_flax_in_both_layouts(axis, shape):
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("axis,shape", [(-1, (2, 5, 4, 6, 3)), (0, (3, 2, 5, 4, 6))])
+def test_gradients_through_the_running_statistics_match_flax(axis, shape):
+    """A loss of the updated running mean and variance as well as the output: flax differentiates through both
+    (its update has no stop_gradient), and so does this BatchNorm."""
+    x, weights = _data(shape, seed=4)
+    ours = norm.BatchNorm(axis=axis, **SETTINGS)
+    flax_bn = nn.BatchNorm(use_running_average=False, axis=axis, use_fast_variance=False, **SETTINGS)
+    variables = _variables(ours, x)
+    a, b = np.arange(1.0, 4.0, dtype=np.float32), np.arange(-2.0, 1.0, dtype=np.float32)
+
+    def grads(module):
+        def loss(x):
+            y, updates = module.apply(variables, x, mutable=["batch_stats"])
+            stats = updates["batch_stats"]
+            return jnp.sum(y * weights) + 50 * jnp.sum(stats["mean"] * a) + 50 * jnp.sum(stats["var"] * b)
+        return jax.grad(loss)(x)
+
+    np.testing.assert_allclose(np.asarray(grads(ours)), np.asarray(grads(flax_bn)), rtol=1e-4, atol=1e-5)
+
+
 def test_running_average_mode_matches_flax():
     x, _ = _data((2, 5, 6, 7, 4), seed=1)
     ours = norm.BatchNorm(use_running_average=True, **SETTINGS)
@@ -77,21 +97,24 @@ def test_variance_is_exact_where_one_pass_cancels():
 
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_statistics_are_synchronised_across_devices(axis):
-    """Two replicas with `axis_name` normalise by the global batch's statistics, and their input gradients are the
-    gradients of the summed loss, as one BatchNorm over the joined batch gives (vmap stands for pmap)."""
+    """Two replicas with `axis_name` normalise by the global batch's statistics, and their input gradients (through
+    the output and the statistics) are those of the summed loss, as one BatchNorm over the joined batch gives (vmap
+    stands for pmap)."""
     x, weights = _data((2, 8, 3, 4, 5, 6) if axis == 0 else (2, 3, 4, 5, 6, 8), seed=3)
     join = (lambda a: np.concatenate(list(a), axis=1)) if axis == 0 else (lambda a: np.concatenate(list(a), axis=0))
     one = norm.BatchNorm(axis=axis, **SETTINGS)
     synced = norm.BatchNorm(axis=axis, axis_name="devices", **SETTINGS)
     variables = _variables(one, join(x))
 
-    def loss(module, x, w):
-        return jnp.sum(jnp.sin(module.apply(variables, x, mutable=["batch_stats"])[0]) * w)
+    def loss(module, x, w, replicas=1):  # each replica's loss holds the (global) statistics once
+        y, updates = module.apply(variables, x, mutable=["batch_stats"])
+        stats = updates["batch_stats"]
+        return jnp.sum(jnp.sin(y) * w) + replicas * jnp.sum(stats["var"] - stats["mean"])
 
     y = jax.vmap(lambda a: synced.apply(variables, a, mutable=["batch_stats"])[0], axis_name="devices")(x)
     dx = jax.vmap(jax.grad(lambda a, w: loss(synced, a, w)), axis_name="devices")(x, weights)
     want_y = one.apply(variables, join(x), mutable=["batch_stats"])[0]
-    want_dx = jax.grad(lambda a: loss(one, a, join(weights)))(join(x))
+    want_dx = jax.grad(lambda a: loss(one, a, join(weights), replicas=2))(join(x))
     np.testing.assert_allclose(join(np.asarray(y)), np.asarray(want_y), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(join(np.asarray(dx)), np.asarray(want_dx), rtol=1e-4, atol=1e-5)
 
