@@ -124,31 +124,30 @@ def output_root() -> Path:
     return repo if (repo / "pyproject.toml").is_file() and (repo / "mrijax").is_dir() else Path.cwd()
 
 
-def use_cpu_devices(n: int) -> None:
+def use_cpu_devices(n: int, distributed: bool = False) -> None:
     """Split the CPU into n JAX devices (before the backend starts), so a pmapped step runs one per core: XLA:CPU
-    runs a step's elementwise work on one thread, and each device then runs its own share."""
+    runs a step's elementwise work on one thread, and each device then runs its own share. Several devices or a
+    multi-process run (`distributed`) need collectives, which XLA:CPU's classic runtime (requested by `mrijax.ops`
+    under jax < 0.7) lacks, so that request is withdrawn: a pmapped step would abort."""
     if n < 1:
         raise ValueError(f"--devices must be >= 1, got {n}")
+    if n != 1 or distributed:
+        from mrijax import ops
+
+        ops.use_classic_cpu_runtime(False)
     if n != 1:
         import jax
 
-        from mrijax import ops
-
-        ops.use_classic_cpu_runtime(False)  # it has no collectives: a pmapped step would abort
         jax.config.update("jax_num_cpu_devices", n)
 
 
 def init_distributed(args) -> None:
     """Set the CPU device count, and join a multi-process run when --coordinator is given (CPU collectives over
     gloo)."""
-    use_cpu_devices(args.devices)
+    use_cpu_devices(args.devices, distributed=bool(args.coordinator))
     if not args.coordinator:
         return
     import jax
-
-    from mrijax import ops
-
-    ops.use_classic_cpu_runtime(False)  # it has no collectives
 
     if not 0 <= args.process_id < args.num_processes:
         raise ValueError(f"--process-id {args.process_id} must be in [0, {args.num_processes})")
