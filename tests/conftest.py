@@ -31,6 +31,19 @@ def shared_data_dir() -> Path:
     return path
 
 
+def expected_auto_form() -> str:
+    """The form "auto" must stand for here, from the backend and the jax version alone (not from `ops.resolve`):
+    XLA's convolution off CPUs; on CPUs oneDNN's where jax still has XLA:CPU's classic runtime (< 0.7, which
+    importing mrijax requests), else the channel-major Winograd products."""
+    import jax
+
+    from mrijax import ops
+
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "onednn" if ops._jax_version() < (0, 7) else "winograd"
+
+
 def ras_affine(shape, zooms=(1.0, 1.0, 1.0)) -> np.ndarray:
     """RAS+ affine with the volume centre at world (0, 0, 0) plus an off-grid shift, like a scanner's."""
     affine = np.diag([*zooms, 1.0])

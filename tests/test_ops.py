@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import expected_auto_form
 from mrijax import config, models, ops
 
 FAST_IMPLS = [name for name in ops.IMPLEMENTATIONS if name != "xla"]
@@ -108,10 +109,7 @@ def test_auto_picks_the_fast_form_of_this_backend():
     """"auto" = on CPU oneDNN's convolution where XLA hands convolutions to it (jax < 0.7, whose classic runtime
     importing mrijax requests), else the channel-major products with Winograd's W taps, "winograd", for every layer
     (never XLA's own convolution); XLA's convolution elsewhere."""
-    if jax.default_backend() != "cpu":
-        expected = "xla"
-    else:
-        expected = "onednn" if tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 7) else "winograd"
+    expected = expected_auto_form()
     assert ops.resolve("auto") == expected
     assert ops.channel_major("auto") == (expected == "winograd")
     for channels in (32, 48):
