@@ -40,6 +40,11 @@ def _per_channel(v, x, channels_last):
     return v if channels_last else v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+def _scale_shift(centred, k, bias, channels_last):
+    """centred * k + bias, k and bias per channel: the normalisation once the statistics are known."""
+    return centred * _per_channel(k, centred, channels_last) + _per_channel(bias, centred, channels_last)
+
+
 def _mean(x, channels_last, axis_name):
     m = channel_sums(x, channels_last) * (x.shape[-1 if channels_last else 0] / x.size)
     return m if axis_name is None else lax.pmean(m, axis_name)
@@ -57,8 +62,7 @@ def _normalize(x, scale, bias, channels_last, epsilon, axis_name):
     centred = x - _per_channel(mean, x, channels_last)
     var = _mean(centred * centred, channels_last, axis_name)
     inv = lax.rsqrt(var + epsilon)
-    y = centred * _per_channel(inv * scale, x, channels_last) + _per_channel(bias, x, channels_last)
-    return (y, mean, var), (centred, inv, scale)
+    return (_scale_shift(centred, inv * scale, bias, channels_last), mean, var), (centred, inv, scale)
 
 
 def _normalize_backward(channels_last, epsilon, axis_name, residuals, cotangents):
@@ -105,9 +109,8 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         if self.use_running_average:
-            k = lax.rsqrt(ra_var.value + self.epsilon) * scale
             centred = x - _per_channel(ra_mean.value, x, channels_last)
-            return centred * _per_channel(k, x, channels_last) + _per_channel(bias, x, channels_last)
+            return _scale_shift(centred, lax.rsqrt(ra_var.value + self.epsilon) * scale, bias, channels_last)
         y, mean, var = batch_normalize(x, scale, bias, channels_last, self.epsilon, self.axis_name)
         if not self.is_initializing():
             keep = self.momentum

@@ -89,9 +89,10 @@ def test_variance_is_exact_where_one_pass_cancels():
     """A large mean and a small spread: E[x^2] - E[x]^2 loses the variance; the two passes keep it."""
     x, _ = _data((4, 6, 6, 6, 3), seed=2, offset=300.0, spread=0.05)
     ours = norm.BatchNorm(**SETTINGS)
-    stats = ours.apply(_variables(ours, x), x, mutable=["batch_stats"])[1]["batch_stats"]
+    variables = _variables(ours, x)
+    stats = ours.apply(variables, x, mutable=["batch_stats"])[1]["batch_stats"]
     var = x.astype(np.float64).reshape(-1, 3).var(0)
-    old = np.asarray(_variables(ours, x)["batch_stats"]["var"], np.float64)
+    old = np.asarray(variables["batch_stats"]["var"], np.float64)
     np.testing.assert_allclose((np.asarray(stats["var"]) - 0.9 * old) / 0.1, var, rtol=1e-3)
 
 
