@@ -13,26 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def channel_sums(x, channels_last: bool):
-    """f32 per-channel sums of x over every axis but the channel one (the last, else the first).
-
-    As products of rows of ones with x in blocks of the two minor voxel axes (H*W): channels last, a batch of B*D
-    products (1, H*W) @ (H*W, C); channels first, one (C*B*D, H*W) @ (H*W,); then a sum over the B*D blocks. The
-    products run on the CPU's matrix library, and their sequential accumulation runs over H*W voxels only, not over
-    all of them. XLA:CPU's classic runtime (the [onednn] install, jax 0.6.2) reduces over major axes several times
-    more slowly, and without LLVM's optimisations (the tests') less exactly (RESULTS.md)."""
-    if x.ndim < 4:
-        raise ValueError(f"channel_sums takes (B, D, ..., C) or (C, B, D, ...) activations, got shape {x.shape}")
-    if channels_last:
-        blocks = x.reshape(x.shape[0] * x.shape[1], -1, x.shape[-1])
-        ones = jnp.ones(blocks.shape[:2], x.dtype)
-        sums = lax.dot_general(ones, blocks, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-        return jnp.sum(sums, axis=0)
-    rows = x.reshape(x.shape[0] * x.shape[1] * x.shape[2], -1)
-    sums = lax.dot_general(rows, jnp.ones((rows.shape[1],), x.dtype), (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-    return jnp.sum(sums.reshape(x.shape[0], -1), axis=1)
+from mrijax.ops import channel_sums
 
 
 def _per_channel(v, x, channels_last):

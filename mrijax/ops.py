@@ -269,13 +269,14 @@ def _cm_backward(winograd, residuals, dyt):
     return dx.reshape(cin, b, d, h, w), _cm_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype)
 
 
-def _on_input_grid(dyt, taps):
+def _on_input_grid(dyt, taps, channels_last=False):
     """The channel-major output gradient (Cout, B, D', H', W') placed at corner (taps - 1,) * 3 of each sample's
     input grid, = the flat gradient shifted right by the largest offset (`_max_offset`; every shifted position
     stays inside its sample), plus one zero sample of tail: the input of the dx product and, sliced, of the kernel
-    gradient."""
+    gradient. channels_last: the same for a (B, D', H', W', Cout) gradient."""
     edge = (taps - 1, 0)
-    return jnp.pad(dyt, ((0, 0), (0, 1), edge, edge, edge))
+    pads = ((0, 1), edge, edge, edge)
+    return jnp.pad(dyt, pads + ((0, 0),) if channels_last else ((0, 0),) + pads)
 
 
 def _transposed_kernel(kernel):
@@ -419,8 +420,11 @@ def _onednn_backward(residuals, dy):
     full = jnp.pad(dy, ((0, 0),) + ((taps - 1, taps - 1),) * 3 + ((0, 0),))
     dx = _lib_conv(full, _transposed_kernel(kernel))
     raw = _bits(_to_channel_major(x))
-    placed = _on_input_grid(to_channel_major(dy), taps)
-    dy_raw = _bits(placed.reshape(placed.shape[0], -1))
+    # Placed while channels last, as integers, then made channel-major by the product: padding the 5D channel-major
+    # array instead let XLA fuse the pad and the 5D -> (C, L) collapse into the tap copies (per-element index
+    # arithmetic), which made them several times slower (RESULTS.md).
+    placed = _values(_on_input_grid(_bits(dy), taps, channels_last=True), dy.dtype)
+    dy_raw = _bits(_to_channel_major(placed))
     dk = _cm_kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype)
     return dx.astype(x.dtype), dk
 
@@ -455,6 +459,39 @@ def channel_major(impl: str) -> bool:
     return resolve(impl) in ("cm", "winograd")
 
 
+def channel_sums(x, channels_last: bool):
+    """f32 per-channel sums of x over every axis but the channel one (the last, else the first).
+
+    As products of rows of ones with x in blocks of the two minor voxel axes (H*W): channels last, a batch of B*D
+    products (1, H*W) @ (H*W, C); channels first, one (C*B*D, H*W) @ (H*W,); then a sum over the B*D blocks. The
+    products run on the CPU's matrix library, and their sequential accumulation runs over H*W voxels only, not over
+    all of them. XLA:CPU's classic runtime (the [onednn] install, jax 0.6.2) reduces over major axes several times
+    more slowly, and without LLVM's optimisations (the tests') less exactly (RESULTS.md)."""
+    if x.ndim < 4:
+        raise ValueError(f"channel_sums takes (B, D, ..., C) or (C, B, D, ...) activations, got shape {x.shape}")
+    if channels_last:
+        blocks = x.reshape(x.shape[0] * x.shape[1], -1, x.shape[-1])
+        ones = jnp.ones(blocks.shape[:2], x.dtype)
+        sums = lax.dot_general(ones, blocks, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+        return jnp.sum(sums, axis=0)
+    rows = x.reshape(x.shape[0] * x.shape[1] * x.shape[2], -1)
+    sums = lax.dot_general(rows, jnp.ones((rows.shape[1],), x.dtype), (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+    return jnp.sum(sums.reshape(x.shape[0], -1), axis=1)
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+    """y + bias along y's last (channel) axis, the bias gradient as `channel_sums`: XLA:CPU fuses the producers of
+    a reduction's input (a layer's ReLU, pooling and BatchNorm backward) into it, and its classic runtime ran
+    those fused reductions several times more slowly than the product (RESULTS.md). The channel-major layers keep
+    a plain add: on the default install the product was slower there."""
+    return y + bias
+
+
+add_bias.defvjp(lambda y, bias: (y + bias, None), lambda _, g: (g, channel_sums(g, channels_last=True)))
+
+
 def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
     """VALID 3x3x3 conv of x (B, D, H, W, Cin) with kernel (3, 3, 3, Cin, Cout); f32 result.
 
@@ -473,7 +510,7 @@ def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout
         return conv3d_cm_t(x, kernel, resolve(impl) == "winograd") + bias.astype(jnp.float32)[:, None, None, None, None]
     if layout != "channels_last":
         raise ValueError(f"unknown layout {layout!r}")
-    return fn(x, kernel).astype(jnp.float32) + bias.astype(jnp.float32)
+    return add_bias(fn(x, kernel).astype(jnp.float32), bias.astype(jnp.float32))
 
 
 # A 3-tap filter on a 2x nearest-upsampled signal u[i] = x[i // 2] reads only two samples of x per output:

@@ -78,6 +78,19 @@ def test_layer_matches_xla(impl, shape, compute_dtype, rtol):
     assert_matches(y, grads, y_ref, grads_ref, rtol)
 
 
+def test_bias_gradient_is_the_per_channel_sum():
+    """add_bias (whose bias gradient is a product with ones) against autodiff of a plain broadcast add."""
+    ky, kb, kp = jax.random.split(jax.random.PRNGKey(7), 3)
+    y = jax.random.normal(ky, (3, 4, 5, 6, 7))
+    bias = jax.random.normal(kb, (7,))
+    projection = jax.random.normal(kp, y.shape)
+    got = jax.value_and_grad(lambda y, b: jnp.sum(ops.add_bias(y, b) * projection), (0, 1))(y, bias)
+    want = jax.value_and_grad(lambda y, b: jnp.sum((y + b) * projection), (0, 1))(y, bias)
+    np.testing.assert_array_equal(ops.add_bias(y, bias), y + bias)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_is_close_to_f32():
     """The bf16 path really rounds (it is not silently f32) and stays within bf16 accuracy of f32."""
     args = random_layer((1, 10, 10, 10, 32, 32))
