@@ -284,19 +284,26 @@ def _transposed_kernel(kernel):
     return kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
 
 
-def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32):
+def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, dy_channels_last=False):
     """The kernel gradient from the payloads of the input (Cin, L) and of the output gradient placed on the input
     grid (`_cm_backward`): dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset], one product
     contracting the long axis, its result in `result_dtype` (f32 for YNNPACK; the kernel's dtype lets oneDNN run
-    bf16 at full speed, see `conv3d_onednn`)."""
+    bf16 at full speed, see `conv3d_onednn`). dy_channels_last: dy_raw is (L, Cout), for plans without outer
+    taps, where a slice of it is the product's other side as it is (no transpose)."""
     taps, cin, cout = kernel_shape[0], kernel_shape[3], kernel_shape[4]
     n = raw.shape[1]
     inner, outer, offsets = _cm_plan(grid, cin, cout, taps)
     length = n - (taps - 1) * sum(inner)
     shift = _max_offset(grid, taps)
     cols = _values(_tap_rows(raw, inner, length, taps=taps), dtype)
-    shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True, taps=taps), dtype)
-    grad = lax.dot_general(cols, shifted, (((1,), (1,)), ((), ())),
+    if dy_channels_last:
+        if outer:
+            raise ValueError("a channels-last output gradient needs a plan without outer taps")
+        shifted, contracted = _values(dy_raw[shift:shift + length], dtype), 0
+    else:
+        shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True, taps=taps), dtype)
+        contracted = 1
+    grad = lax.dot_general(cols, shifted, (((1,), (contracted,)), ((), ())),
                            preferred_element_type=result_dtype)  # (taps_in Cin, taps_out Cout)
     n_inner, n_outer = len(inner), len(outer)
     grad = grad.reshape((taps,) * n_inner + (cin,) + (taps,) * n_outer + (cout,))
@@ -422,10 +429,14 @@ def _onednn_backward(residuals, dy):
     raw = _bits(_to_channel_major(x))
     # Placed while channels last, as integers, then made channel-major by the product: padding the 5D channel-major
     # array instead let XLA fuse the pad and the 5D -> (C, L) collapse into the tap copies (per-element index
-    # arithmetic), which made them several times slower (RESULTS.md).
-    placed = _values(_on_input_grid(_bits(dy), taps, channels_last=True), dy.dtype)
-    dy_raw = _bits(_to_channel_major(placed))
-    dk = _cm_kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype)
+    # arithmetic), which made them several times slower (RESULTS.md). Without outer taps (the first layer), the
+    # placed rows are used as they are.
+    placed = _on_input_grid(_bits(dy), taps, channels_last=True)
+    cin, cout = kernel.shape[3:]
+    channels_last = cm_inner_axes(cin, cout, taps) == 3
+    dy_raw = placed.reshape(-1, cout) if channels_last else _bits(_to_channel_major(_values(placed, dy.dtype)))
+    dk = _cm_kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype,
+                         dy_channels_last=channels_last)
     return dx.astype(x.dtype), dk
 
 

@@ -238,7 +238,8 @@ def upsampled_value_and_grads(impl, layout, compute_dtype, x, kernel, bias, proj
 
 UPSAMPLED_CASES = [(impl, layout, jnp.float32, F32_RTOL) for impl, layout in
                    [("xla", "channels_last"), ("cm", "channels_last"), ("cm", "channel_major"),
-                    ("winograd", "channel_major")]] + [("winograd", "channel_major", jnp.bfloat16, BF16_RTOL)]
+                    ("winograd", "channel_major"), ("onednn", "channels_last")]] + [
+    (impl, layout, jnp.bfloat16, BF16_RTOL) for impl, layout in [("winograd", "channel_major"), ("onednn", "channels_last")]]
 
 
 @pytest.mark.parametrize("impl,layout,compute_dtype,rtol", UPSAMPLED_CASES)
