@@ -212,10 +212,7 @@ def _flat_conv_winograd(raw, kernel, grid, out_length):
     pair_strides = (grid[1] * grid[2] // 2, grid[2] // 2)  # D and H in pairs
     pairs = out_length // 2
     offsets = [t * pair_strides[0] for t in range(3)]
-    x = _values(raw[:, :raw.shape[1] // 2 * 2], kernel.dtype).astype(jnp.float32).reshape(cin, -1, 2)
-    even, odd = x[..., 0], x[..., 1]
-    e0, e1, o0, o1 = even[:, :-1], even[:, 1:], odd[:, :-1], odd[:, 1:]
-    transformed = (e0 - e1, o0 + e1, e1 - o0, o0 - o1)  # B^T d
+    transformed = _winograd_input_transform(raw, kernel.dtype)
     kernels = jnp.einsum("kw,dhwio->kdhio", jnp.asarray(WINOGRAD_G, jnp.float32),
                          kernel.astype(jnp.float32)).astype(kernel.dtype)  # G g, per (D, H) tap
     m = []
@@ -225,6 +222,44 @@ def _flat_conv_winograd(raw, kernel, grid, out_length):
         m.append(_outer_tap_sum(_product(_cm_kernel_matrix(g, 1), cols), cout, offsets, pairs))
     # A^T: y[2j] = m0 + m1 + m2, y[2j+1] = m1 - m2 - m3, interleaved
     return jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]], axis=-1).reshape(cout, out_length)
+
+
+def _winograd_input_transform(raw, dtype):
+    """B^T d for every pair j of the flat axis of the payload raw (C, L), d = x[2j : 2j + 4]: the 4 Winograd
+    components, each (C, L // 2 - 1), in f32."""
+    x = _values(raw[:, :raw.shape[1] // 2 * 2], dtype).astype(jnp.float32).reshape(raw.shape[0], -1, 2)
+    even, odd = x[..., 0], x[..., 1]
+    e0, e1, o0, o1 = even[:, :-1], even[:, 1:], odd[:, :-1], odd[:, 1:]
+    return e0 - e1, o0 + e1, e1 - o0, o0 - o1
+
+
+def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32):
+    """`_cm_kernel_grad` (same arguments; 3x3x3 kernels, W even) with the W taps by Winograd F(3,2): 2/3 of its
+    multiplications.
+
+    Along W the kernel gradient dk[kw] = sum_q x[q + kw] dy[q] is F(3,2) on the flat axis's pairs: for pair j,
+    with d = x[2j : 2j + 4] and e = dy[2j : 2j + 2], the 3 taps are G^T [(B^T d) * (A e)], F(2,3)'s matrices
+    transposed (the transposition principle). Each of the 4 components is a product like `_cm_kernel_grad`'s,
+    the H taps copied into the contraction (3 Cin rows), the D taps as shifted rows of the output gradient
+    (3 Cout): 4 products (3 Cin, L/2) @ (L/2, 3 Cout) instead of one (9 Cin, L) @ (L, 3 Cout). Pairs that
+    straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once."""
+    cin, cout = kernel_shape[3], kernel_shape[4]
+    _, h, w = grid
+    plane = h * w // 2  # pairs per plane
+    length = raw.shape[1] // 2 - 1 - w  # the transformed input's pairs less the H taps' largest offset (2 rows)
+    # The gradient placed at corner (2, 2, 2), read from two planes earlier: two zero planes in front of it
+    # for the D taps' shifts (the sample before it, or the zeros placed in front of the first).
+    start = _max_offset(grid) - 2 * h * w
+    dy = _values(dy_raw[:, start:start + 2 * (length + 2 * plane)], dtype).astype(jnp.float32).reshape(cout, -1, 2)
+    e0, e1 = dy[..., 0], dy[..., 1]
+    products = []
+    for u, s in zip(_winograd_input_transform(raw, dtype), (e0, e0 + e1, e0 - e1, -e1)):  # B^T d, A e
+        cols = _values(_tap_rows(_bits(u.astype(dtype)), (w // 2,), length), dtype)  # (kh, ci)
+        rows = _values(_tap_rows(_bits(s.astype(dtype)), (plane,), length, reverse=True), dtype)  # (kd, co)
+        products.append(lax.dot_general(cols, rows, (((1,), (1,)), ((), ())), preferred_element_type=result_dtype))
+    grad = jnp.einsum("ck,cab->kab", jnp.asarray(WINOGRAD_G, jnp.float32),
+                      jnp.stack(products).astype(jnp.float32))  # (kw, (kh, ci), (kd, co))
+    return grad.reshape(3, 3, cin, 3, cout).transpose(3, 1, 0, 2, 4).astype(dtype)
 
 
 def _max_offset(grid, taps=3) -> int:
@@ -435,8 +470,12 @@ def _onednn_backward(residuals, dy):
     cin, cout = kernel.shape[3:]
     channels_last = cm_inner_axes(cin, cout, taps) == 3
     dy_raw = placed.reshape(-1, cout) if channels_last else _bits(_to_channel_major(_values(placed, dy.dtype)))
-    dk = _cm_kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype,
-                         dy_channels_last=channels_last)
+    grid = x.shape[1:4]
+    if not channels_last and winograd_applies(cin, cout, grid, raw.shape[1], taps):
+        dk = _winograd_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype, result_dtype=kernel.dtype)
+    else:
+        dk = _cm_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype, result_dtype=kernel.dtype,
+                             dy_channels_last=channels_last)
     return dx.astype(x.dtype), dk
 
 
