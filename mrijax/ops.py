@@ -9,9 +9,9 @@
 - "winograd": "cm" with the W taps of every layer with more than one input and output channel computed by
   Winograd's minimal filtering F(2,3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
   2 outputs along W from 4 transformed inputs, so the products do 2/3 of the multiplications (forward pass and
-  input gradient; the kernel gradient stays "cm").
+  input gradient; the kernel gradient by F(3,2), its transpose).
 - "onednn": XLA's convolution where XLA:CPU hands it to oneDNN (jax < 0.7, classic runtime: `pip install
-  mrijax[onednn]`) for the forward pass and input gradient, the kernel gradient as one product ("cm"'s).
+  mrijax[onednn]`) for the forward pass and input gradient, the kernel gradient as "winograd"'s products.
 - "auto" (the default): on CPUs "onednn" where XLA compiles convolutions to oneDNN, else "winograd" (the whole
   network channel-major, one transpose in and out); "xla" elsewhere.
 
@@ -290,7 +290,8 @@ def _cm_backward(winograd, residuals, dyt):
     Input gradient: dx[p] = sum_t kernel[t]^T dy[p - offset(t)], the same flat product as the forward with the
     flipped, in/out-swapped kernel on dy shifted right by the largest offset; exact on the flat grid, since every
     p - offset(t) that wraps around a row, plane or sample lands on a zero (no-output) position.
-    Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset]."""
+    Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset] (`_cm_kernel_grad`; with
+    winograd, `_winograd_kernel_grad`)."""
     raw, kernel = residuals
     b = dyt.shape[1]
     taps, cin = kernel.shape[0], kernel.shape[3]
@@ -301,7 +302,9 @@ def _cm_backward(winograd, residuals, dyt):
     # the copies, where it costs far more per element.
     dy_raw = _payload(_on_input_grid(dyt.astype(kernel.dtype), taps))
     dx = _flat_conv(dy_raw, _transposed_kernel(kernel), grid, n, winograd).astype(kernel.dtype)
-    return dx.reshape(cin, b, d, h, w), _cm_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype)
+    winograd_grad = winograd and winograd_applies(cin, kernel.shape[4], grid, n, taps)
+    kernel_grad = _winograd_kernel_grad if winograd_grad else _cm_kernel_grad
+    return dx.reshape(cin, b, d, h, w), kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype)
 
 
 def _on_input_grid(dyt, taps, channels_last=False):
@@ -352,7 +355,7 @@ def conv3d_cm_t(xt, kernel, winograd=False):
     kernel (`conv3d_upsampled`) trims one voxel per axis instead of two.
 
     xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32. winograd: the W taps of a
-    3x3x3 kernel by F(2,3) where `winograd_applies` (forward and input gradient)."""
+    3x3x3 kernel by F(2,3) where `winograd_applies` (forward and input gradient; the kernel gradient by F(3,2))."""
     return _cm_forward(xt, kernel, winograd)[0]
 
 
