@@ -101,6 +101,18 @@ def test_max_pool_matches_flax_in_values_and_gradients(axes):
     np.testing.assert_array_equal(jax.grad(lambda x: loss(ours, x))(x), jax.grad(lambda x: loss(flax_pool, x))(x))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_halves_is_relu_in_values_and_gradients(dtype):
+    """The [onednn] install's ReLU form equals jax.nn.relu, including zeros, extremes and the gradient at 0."""
+    x = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(3), (997,)) * 10.0,
+                         jnp.array([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, 1.0, -1.0])]).astype(dtype)
+    np.testing.assert_array_equal(models.relu_halves(x), jax.nn.relu(x))
+    weights = jnp.arange(x.size, dtype=dtype)
+    got = jax.grad(lambda v: jnp.sum(models.relu_halves(v) * weights))(x)
+    want = jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * weights))(x)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("impl", ["winograd", "onednn"])  # "auto" is one of them on CPUs (tests/test_ops.py)
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.bfloat16, 2e-2), (jnp.float32, 1e-5)])
 def test_fast_network_matches_the_reference(impl, dtype, tolerance):
