@@ -290,8 +290,7 @@ def _cm_backward(winograd, residuals, dyt):
     Input gradient: dx[p] = sum_t kernel[t]^T dy[p - offset(t)], the same flat product as the forward with the
     flipped, in/out-swapped kernel on dy shifted right by the largest offset; exact on the flat grid, since every
     p - offset(t) that wraps around a row, plane or sample lands on a zero (no-output) position.
-    Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset] (`_cm_kernel_grad`; with
-    winograd, `_winograd_kernel_grad`)."""
+    Kernel gradient: dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset] (`_kernel_grad`)."""
     raw, kernel = residuals
     b = dyt.shape[1]
     taps, cin = kernel.shape[0], kernel.shape[3]
@@ -302,9 +301,7 @@ def _cm_backward(winograd, residuals, dyt):
     # the copies, where it costs far more per element.
     dy_raw = _payload(_on_input_grid(dyt.astype(kernel.dtype), taps))
     dx = _flat_conv(dy_raw, _transposed_kernel(kernel), grid, n, winograd).astype(kernel.dtype)
-    winograd_grad = winograd and winograd_applies(cin, kernel.shape[4], grid, n, taps)
-    kernel_grad = _winograd_kernel_grad if winograd_grad else _cm_kernel_grad
-    return dx.reshape(cin, b, d, h, w), kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype)
+    return dx.reshape(cin, b, d, h, w), _kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype, winograd=winograd)
 
 
 def _on_input_grid(dyt, taps, channels_last=False):
@@ -347,6 +344,16 @@ def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.flo
     grad = grad.reshape((taps,) * n_inner + (cin,) + (taps,) * n_outer + (cout,))
     order = tuple(range(n_inner + 1, 4)) + tuple(range(n_inner)) + (n_inner, 4)
     return grad.transpose(order).astype(dtype)
+
+
+def _kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, winograd=True,
+                 dy_channels_last=False):
+    """The kernel gradient by `_winograd_kernel_grad` where F(2,3) applies to the layer (and `winograd`), else by
+    `_cm_kernel_grad` (arguments: theirs)."""
+    cin, cout = kernel_shape[3], kernel_shape[4]
+    if winograd and winograd_applies(cin, cout, grid, raw.shape[1], kernel_shape[0]):
+        return _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype)
+    return _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype, dy_channels_last)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -448,9 +455,9 @@ def _lib_conv(x, kernel):
 @jax.custom_vjp
 def conv3d_onednn(x, kernel):
     """VALID conv of channels-last x with a (k, k, k, Cin, Cout) kernel (same dtype), f32 result: the forward and
-    the input gradient as convolutions (oneDNN's under the classic runtime), the kernel gradient as one product
-    over channel-major tap rows (`_cm_kernel_grad`), since oneDNN runs XLA's kernel-gradient convolution (a window
-    the size of the volume) several times slower."""
+    the input gradient as convolutions (oneDNN's under the classic runtime), the kernel gradient as products over
+    channel-major tap rows (`_kernel_grad`: Winograd's F(3,2) where it applies), since oneDNN runs
+    XLA's kernel-gradient convolution (a window the size of the volume) several times slower."""
     return _lib_conv(x, kernel).astype(jnp.float32)
 
 
@@ -473,12 +480,8 @@ def _onednn_backward(residuals, dy):
     cin, cout = kernel.shape[3:]
     channels_last = cm_inner_axes(cin, cout, taps) == 3
     dy_raw = placed.reshape(-1, cout) if channels_last else _bits(_to_channel_major(_values(placed, dy.dtype)))
-    grid = x.shape[1:4]
-    if not channels_last and winograd_applies(cin, cout, grid, raw.shape[1], taps):
-        dk = _winograd_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype, result_dtype=kernel.dtype)
-    else:
-        dk = _cm_kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype, result_dtype=kernel.dtype,
-                             dy_channels_last=channels_last)
+    dk = _kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype,
+                      dy_channels_last=channels_last)
     return dx.astype(x.dtype), dk
 
 
