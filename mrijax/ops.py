@@ -36,9 +36,13 @@ from jax import lax
 
 DIMENSION_NUMBERS = ("NDHWC", "DHWIO", "NDHWC")
 
+# jax < 0.7 (the [onednn] install): XLA:CPU still has its classic runtime (oneDNN's convolutions) and the older
+# compiler, so several forms below and in `mrijax.models` differ by it.
+OLD_JAX = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 7)
+
 
 def conv3d_xla(x, kernel):
-    if x.dtype == jnp.bfloat16 and _jax_version() < (0, 7):
+    if x.dtype == jnp.bfloat16 and OLD_JAX:
         # jax < 0.7 cannot differentiate a bf16 convolution with an f32 result; products of bf16 values are exact
         # in f32, so converting first computes the same
         x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
@@ -420,16 +424,12 @@ def use_classic_cpu_runtime(enable: bool = True) -> None:
     flags = before.split()
     several = (getattr(jax.config, "jax_num_cpu_devices", -1) > 1
                or any(f.startswith("--xla_force_host_platform_device_count=") and f.split("=")[1] != "1" for f in flags))
-    if enable and _jax_version() < (0, 7) and not several and not any("xla_cpu_use_thunk_runtime" in f for f in flags):
+    if enable and OLD_JAX and not several and not any("xla_cpu_use_thunk_runtime" in f for f in flags):
         flags.append(CLASSIC_RUNTIME_FLAG)
     elif not enable and CLASSIC_RUNTIME_FLAG in flags:
         flags.remove(CLASSIC_RUNTIME_FLAG)
     if flags != before.split():
         os.environ["XLA_FLAGS"] = " ".join(flags)
-
-
-def _jax_version() -> tuple:
-    return tuple(int(p) for p in jax.__version__.split(".")[:2])
 
 
 use_classic_cpu_runtime()  # at import: models and inference import this module before they compute anything
@@ -439,7 +439,7 @@ use_classic_cpu_runtime()  # at import: models and inference import this module 
 def onednn_convolutions() -> bool:
     """Whether XLA compiles a 3D convolution on this backend to oneDNN's (read from the compiled program, where a
     classic runtime can exist: a CPU and jax < 0.7)."""
-    if jax.default_backend() != "cpu" or _jax_version() >= (0, 7):
+    if jax.default_backend() != "cpu" or not OLD_JAX:
         return False
     x = jax.ShapeDtypeStruct((1, 4, 4, 4, 2), jnp.float32)
     k = jax.ShapeDtypeStruct((3, 3, 3, 2, 2), jnp.float32)
