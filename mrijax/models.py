@@ -70,8 +70,8 @@ def relu_halves(x):
 
 relu_halves.defvjp(lambda x: (relu_halves(x), x), lambda x, g: (jnp.where(x > 0, g, 0),))
 
-# XLA:CPU of jax < 0.7 (the [onednn] install) ran a lone f32 maximum over channels-last activations several times
-# slower than the 4-op form on an AMD Zen 4; jax 0.10's ran the maximum faster (RESULTS.md).
+# XLA:CPU of jax < 0.7 (jax 0.6.2 is the default install on Linux x86-64) ran a lone f32 maximum over channels-last
+# activations several times slower than the 4-op form on an AMD Zen 4; jax 0.10's ran the maximum faster (RESULTS.md).
 relu = relu_halves if ops.OLD_JAX else nn.relu
 
 

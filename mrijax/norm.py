@@ -1,10 +1,10 @@
 """BatchNorm with flax's variables and semantics, its per-channel sums written as matrix products.
 
-Batch statistics and their gradients are sums over every axis but the channel one. XLA:CPU's classic runtime (the
-[onednn] install, jax 0.6.2) runs such reductions several times more slowly than products of rows of ones with the
-activations, and less exactly when compiled without LLVM's optimisations (RESULTS.md); the products cost about the
-same as the reductions on the default install. The variance is two-pass, E[(x - mean)^2], more exact than flax's
-default E[x^2] - E[x]^2, which cancels digits.
+Batch statistics and their gradients are sums over every axis but the channel one. XLA:CPU's classic runtime
+(jax 0.6.2, the default install on Linux x86-64) runs such reductions several times more slowly than products of
+rows of ones with the activations, and less exactly when compiled without LLVM's optimisations (RESULTS.md); the
+products cost about the same as the reductions on jax 0.10. The variance is two-pass, E[(x - mean)^2], more exact
+than flax's default E[x^2] - E[x]^2, which cancels digits.
 """
 import functools
 

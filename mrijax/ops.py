@@ -10,8 +10,8 @@
   Winograd's minimal filtering F(2,3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
   2 outputs along W from 4 transformed inputs, so the products do 2/3 of the multiplications (forward pass and
   input gradient; the kernel gradient by F(3,2), its transpose).
-- "onednn": XLA's convolution where XLA:CPU hands it to oneDNN (jax < 0.7, classic runtime: `pip install
-  mrijax[onednn]`) for the forward pass and input gradient, the kernel gradient as "winograd"'s products.
+- "onednn": XLA's convolution where XLA:CPU hands it to oneDNN (jax < 0.7, classic runtime: the default
+  install on Linux x86-64) for the forward pass and input gradient, the kernel gradient as "winograd"'s products.
 - "auto" (the default): on CPUs "onednn" where XLA compiles convolutions to oneDNN, else "winograd" (the whole
   network channel-major, one transpose in and out); "xla" elsewhere.
 
@@ -36,8 +36,8 @@ from jax import lax
 
 DIMENSION_NUMBERS = ("NDHWC", "DHWIO", "NDHWC")
 
-# jax < 0.7 (the [onednn] install): XLA:CPU still has its classic runtime (oneDNN's convolutions) and the older
-# compiler, so several forms below and in `mrijax.models` differ by it.
+# jax < 0.7 (jax 0.6.2 is the default install on Linux x86-64): XLA:CPU still has its classic runtime (oneDNN's
+# convolutions) and the older compiler, so several forms below and in `mrijax.models` differ by it.
 OLD_JAX = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 7)
 
 
@@ -521,8 +521,8 @@ def channel_sums(x, channels_last: bool):
     As products of rows of ones with x in blocks of the two minor voxel axes (H*W): channels last, a batch of B*D
     products (1, H*W) @ (H*W, C); channels first, one (C*B*D, H*W) @ (H*W,); then a sum over the B*D blocks. The
     products run on the CPU's matrix library, and their sequential accumulation runs over H*W voxels only, not over
-    all of them. XLA:CPU's classic runtime (the [onednn] install, jax 0.6.2) reduces over major axes several times
-    more slowly, and without LLVM's optimisations (the tests') less exactly (RESULTS.md)."""
+    all of them. XLA:CPU's classic runtime (jax 0.6.2, the default on Linux x86-64) reduces over major axes
+    several times more slowly, and without LLVM's optimisations (the tests') less exactly (RESULTS.md)."""
     if x.ndim < 4:
         raise ValueError(f"channel_sums takes (B, D, ..., C) or (C, B, D, ...) activations, got shape {x.shape}")
     if channels_last:

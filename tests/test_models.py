@@ -103,7 +103,7 @@ def test_max_pool_matches_flax_in_values_and_gradients(axes):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_relu_halves_is_relu_in_values_and_gradients(dtype):
-    """The [onednn] install's ReLU form equals jax.nn.relu, including zeros, extremes and the gradient at 0."""
+    """The ReLU form of jax < 0.7 equals jax.nn.relu, including zeros, extremes and the gradient at 0."""
     x = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(3), (997,)) * 10.0,
                          jnp.array([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, 1.0, -1.0])]).astype(dtype)
     np.testing.assert_array_equal(models.relu_halves(x), jax.nn.relu(x))

@@ -22,9 +22,10 @@ def test_wheel_installed_outside_the_checkout_synthesizes_with_the_shipped_model
     # Build the wheel from a copy of the checkout (setuptools writes build/ into the source tree), with a training
     # run in ckpt/runs/ that must stay out; build isolation takes setuptools from the package index, no dependencies.
     source = tmp_path / "src"
-    top_level = {".git", "build", "dist", "results", "data", ".venv", ".ci-venv", "mrijax.egg-info"}
+    top_level = {".git", "build", "dist", "results", "data", ".venv", "mrijax.egg-info"}
     skip = lambda folder, names: [n for n in names if n == "__pycache__" or (  # noqa: E731
-        Path(folder) == REPO and n in top_level) or Path(folder) == REPO / "ckpt" and n == "runs"]
+        Path(folder) == REPO and (n in top_level or n.startswith(".ci-venv"))) or (
+        Path(folder) == REPO / "ckpt" and n == "runs")]
     shutil.copytree(REPO, source, ignore=skip)
     run_dir = source / "ckpt" / "runs" / "base-quick" / "best"
     shutil.copytree(REPO / "ckpt" / "t1w-t2w-base", run_dir)

@@ -8,6 +8,7 @@ Only (subject, centre) records are stored; the voxels are copied when a batch is
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -125,6 +126,22 @@ class _AugmentSample:
         return sample
 
 
+def _import_grain():
+    """grain, imported here rather than at module import (synthesis never needs it), without the one warning it logs
+    under jax < 0.11 (the pinned jax 0.6.2 among them): that profiling its worker processes needs a newer jaxlib.
+    mrijax reads patches in threads, not worker processes."""
+    def not_the_profiling_warning(record):
+        return "worker profiling requires jaxlib" not in record.getMessage()
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(not_the_profiling_warning)
+    try:
+        import grain
+    finally:
+        absl_logger.removeFilter(not_the_profiling_warning)
+    return grain
+
+
 def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int], *,
                   batch_size: int, seed: int, epoch: int, shuffle: bool = True, shard_index: int = 0,
                   shard_count: int = 1, drop_remainder: bool = True, num_threads: int = 0, augment=None):
@@ -141,7 +158,7 @@ def patch_dataset(subjects: Sequence, records: np.ndarray, in_shape: Sequence[in
         raise DataError(f"{', '.join(missing)}: no target image loaded; training patches need source and target")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
-    import grain  # here, not at module import: synthesis never needs it (and grain warns on jax 0.6's jaxlib)
+    grain = _import_grain()
 
     records = np.asarray(records, dtype=np.int32).reshape(-1, 4)
     dataset = grain.MapDataset.source(records)
