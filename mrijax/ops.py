@@ -113,16 +113,17 @@ def _tap_rows(raw, strides, length, reverse=False, taps=3):
     of the axes with these flat strides, o(tap) = sum t_a * stride_a (t_a = 0 .. taps - 1; the first axis's tap
     outermost; reverse: taps - 1 - t_a). Built one axis at a time from the last: each stage is one stack of
     `taps` shifted long contiguous slices of the previous stage's rows, which XLA:CPU copies faster than 9
-    shifted copies written directly into one buffer, though it copies 12 rows per input row, not 9."""
+    shifted copies written directly into one buffer, though it copies 12 rows per input row, not 9. A batch of
+    payloads (N, C, L) gives (N, rows, length)."""
     if not strides:
-        return raw[:, :length]
+        return raw[..., :length]
     extra = sum((taps - 1) * s for s in strides)
     for stride in reversed(strides):
         extra -= (taps - 1) * stride
         size = length + extra
         order = range(taps - 1, -1, -1) if reverse else range(taps)
-        raw = jnp.stack([lax.slice_in_dim(raw, t * stride, t * stride + size, axis=1) for t in order]
-                        ).reshape(-1, size)
+        raw = jnp.stack([lax.slice_in_dim(raw, t * stride, t * stride + size, axis=-1) for t in order],
+                        axis=raw.ndim - 2).reshape(*raw.shape[:-2], -1, size)
     return raw
 
 
@@ -245,7 +246,8 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     with d = x[2j : 2j + 4] and e = dy[2j : 2j + 2], the 3 taps are G^T [(B^T d) * (A e)], F(2,3)'s matrices
     transposed (the transposition principle). Each of the 4 components is a product like `_cm_kernel_grad`'s,
     the H taps copied into the contraction (3 Cin rows), the D taps as shifted rows of the output gradient
-    (3 Cout): 4 products (3 Cin, L/2) @ (L/2, 3 Cout) instead of one (9 Cin, L) @ (L, 3 Cout). Pairs that
+    (3 Cout): 4 products (3 Cin, L/2) @ (L/2, 3 Cout) instead of one (9 Cin, L) @ (L, 3 Cout), as one batched
+    product, which a CPU's threads share better than 4 products with only 96 x 96 results (RESULTS.md). Pairs that
     straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once."""
     cin, cout = kernel_shape[3], kernel_shape[4]
     _, h, w = grid
@@ -256,13 +258,14 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     start = _max_offset(grid) - 2 * h * w
     dy = _values(dy_raw[:, start:start + 2 * (length + 2 * plane)], dtype).astype(jnp.float32).reshape(cout, -1, 2)
     e0, e1 = dy[..., 0], dy[..., 1]
-    products = []
-    for u, s in zip(_winograd_input_transform(raw, dtype), (e0, e0 + e1, e0 - e1, -e1)):  # B^T d, A e
-        cols = _values(_tap_rows(_bits(u.astype(dtype)), (w // 2,), length), dtype)  # (kh, ci)
-        rows = _values(_tap_rows(_bits(s.astype(dtype)), (plane,), length, reverse=True), dtype)  # (kd, co)
-        products.append(lax.dot_general(cols, rows, (((1,), (1,)), ((), ())), preferred_element_type=result_dtype))
+    # B^T d and A e, each rounded before the stack (a stack of f32 components would be materialised in f32)
+    transformed = jnp.stack([_bits(u.astype(dtype)) for u in _winograd_input_transform(raw, dtype)])
+    combined = jnp.stack([_bits(s.astype(dtype)) for s in (e0, e0 + e1, e0 - e1, -e1)])
+    cols = _values(_tap_rows(transformed, (w // 2,), length), dtype)  # (4, (kh, ci), length)
+    rows = _values(_tap_rows(combined, (plane,), length, reverse=True), dtype)  # (4, (kd, co), length)
+    products = lax.dot_general(cols, rows, (((2,), (2,)), ((0,), (0,))), preferred_element_type=result_dtype)
     grad = jnp.einsum("ck,cab->kab", jnp.asarray(WINOGRAD_G, jnp.float32),
-                      jnp.stack(products).astype(jnp.float32))  # (kw, (kh, ci), (kd, co))
+                      products.astype(jnp.float32))  # (kw, (kh, ci), (kd, co))
     return grad.reshape(3, 3, cin, 3, cout).transpose(3, 1, 0, 2, 4).astype(dtype)
 
 
