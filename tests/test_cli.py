@@ -433,6 +433,8 @@ def test_bench_rounds_alternate_mrijax_and_the_reference(tmp_path):
     assert total["median_ratio_over_pytorch_float32"] == pytest.approx(statistics.median(mine) / 1e3, rel=1e-3)
     assert {"cpu", "cpu_family_model", "cpu_flags", "allocator", "loadavg_1min"} <= set(total)
     assert len(total["loadavg_1min"]) == 2
+    # by default the allocator the other commands restart with (jemalloc, or glibc tuned without it)
+    assert total["allocator"] != "glibc default"
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@
     mrijax bench --mode train --variant base --batch 1 --output 48   # one dense 48^3 crop
     mrijax bench --mode infer --variant base --shape 96 96 96 --compare --rounds 3
     mrijax bench --mode synthesize --shape 96 112 96
-    mrijax bench --mode train --batch 8 --hugepages --compare --rounds 3   # both sides: the CLIs' allocator
+    mrijax bench --mode train --batch 8 --compare --rounds 3 --no-hugepages   # both sides: the allocator as started
 
 Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch
 geometry (16^3 output), the same work as `torch_cae.py`. Infer: one eval-mode forward on an input of the given
@@ -12,7 +12,8 @@ shape (VALID output). `--compare` runs the reference `torch_cae.py` ($MRIJAX_TOR
 ../shared/bench/torch_cae.py; needs PyTorch, which mrijax does not) with the same flags in a subprocess of the
 same python right after. `--rounds N` alternates the two N times, since a noisy machine moves single numbers
 by tens of percent, and ends with one summary: per-round values, median ratios, the CPU model and its bf16/AMX
-flags, the allocator and the load average.
+flags, the allocator and the load average. Both sides run with the allocator the training and synthesis commands
+restart with (`mrijax.cli.tune_malloc`), unless `--no-hugepages` or MRIJAX_HUGEPAGES=0.
 """
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ def parse_args(argv=None):
                    help="--compare: PyTorch runs, one per dtype, right after each mrijax run")
     p.add_argument("--rounds", type=int, default=1, help="alternate mrijax and PyTorch this many times, then "
                                                          "summarise (per-round values, median ratios)")
-    p.add_argument("--hugepages", action="store_true",
+    p.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
                    help="re-run this benchmark (and the PyTorch reference, which inherits the environment) with "
                         "the allocator the other commands use (mrijax.cli.tune_malloc: jemalloc when installed, "
-                        "else glibc tunables)")
+                        "else glibc tunables); default on, as those commands run; --no-hugepages: as started")
     args = p.parse_args(argv)
     if args.compare and (args.mode == "synthesize" or args.output != 16):
         p.error("--compare is for train (16^3 patches) and infer")
