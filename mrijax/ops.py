@@ -544,7 +544,7 @@ def add_bias(y, bias):
     """y + bias along y's last (channel) axis, the bias gradient as `channel_sums`: XLA:CPU fuses the producers of
     a reduction's input (a layer's ReLU, pooling and BatchNorm backward) into it, and its classic runtime ran
     those fused reductions several times more slowly than the product (RESULTS.md). The channel-major layers keep
-    a plain add: on the default install the product was slower there."""
+    a plain add: on jax 0.10.2, where they run, the product was slower there."""
     return y + bias
 
 
