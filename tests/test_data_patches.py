@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -226,3 +228,18 @@ def test_mirrored_subject_is_the_left_right_flip_of_every_array(synthetic_datase
         np.testing.assert_array_equal(mirror, original[::-1])
         assert mirror.flags.c_contiguous
     np.testing.assert_array_equal(mirrored(flipped).source, subject.source)  # an involution; original untouched
+
+
+def test_grain_imports_without_its_worker_profiling_warning():
+    """grain logs one warning at import under older jaxlibs (the pinned jax 0.6.2 among them); the patch pipeline
+    imports it without that line and with every other logging untouched."""
+    def stderr_of(code):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stderr
+
+    if "worker profiling" not in stderr_of("import grain"):
+        pytest.skip("this grain does not warn at import")
+    quiet = stderr_of("import logging\nfrom mrijax.data import patches\npatches._import_grain()\n"
+                      "logging.getLogger('absl').warning('still logged')")
+    assert "worker profiling" not in quiet and "still logged" in quiet
