@@ -9,7 +9,7 @@
 - "winograd": "cm" with the W taps of every layer with more than one input and output channel computed by
   Winograd's minimal filtering F(2,3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
   2 outputs along W from 4 transformed inputs, so the products do 2/3 of the multiplications (forward pass and
-  input gradient; the kernel gradient by F(3,2), its transpose).
+  input gradient; the kernel gradient by F(3,2), its transpose, or in f32 by F(3,4) where W splits into 4s).
 - "onednn": XLA's convolution where XLA:CPU hands it to oneDNN (jax < 0.7, classic runtime: the default
   install on Linux x86-64) for the forward pass and input gradient, the kernel gradient as "winograd"'s products.
 - "auto" (the default): on CPUs "onednn" where XLA compiles convolutions to oneDNN, else "winograd" (the whole
@@ -192,9 +192,33 @@ def _outer_tap_sum(y, cout, offsets, out_length):
     return out
 
 
-# Winograd F(2,3) (Lavin & Gray 2016): for a 3-tap filter g along an axis, the outputs y[2j], y[2j+1] are
-# A^T [(G g) * (B^T d)] with d = x[2j : 2j+4]: 4 multiplications instead of 6. Rows: the 4 components.
-WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# Winograd F(m,3) (Lavin & Gray 2016): for a 3-tap filter g along an axis, the m outputs y[mj : mj+m] are
+# A^T [(G g) * (B^T d)] with d = x[mj : mj+m+2]: m+2 multiplications instead of 3m. Per tile m: (B^T, G, A^T),
+# rows of B^T and G and columns of A^T the m+2 components; F(4,3)'s points are 0, 1, -1, 2, -2 and infinity.
+WINOGRAD = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0),
+         (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+         (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+
+
+def _combine(coefficients, terms):
+    """sum_i coefficients[i] * terms[i], the positive terms first and every +-1 coefficient as an add or a subtract."""
+    out = None
+    for c, t in sorted(zip(coefficients, terms), key=lambda ct: ct[0] < 0):
+        if c == 0:
+            continue
+        term = t if abs(c) == 1 else abs(c) * t
+        if out is None:
+            out = -term if c < 0 else term
+        else:
+            out = out - term if c < 0 else out + term
+    return out
 
 
 def winograd_applies(cin: int, cout: int, grid, out_length: int, taps: int = 3) -> bool:
@@ -218,7 +242,7 @@ def _flat_conv_winograd(raw, kernel, grid, out_length):
     pairs = out_length // 2
     offsets = [t * pair_strides[0] for t in range(3)]
     transformed = _winograd_input_transform(raw, kernel.dtype)
-    kernels = jnp.einsum("kw,dhwio->kdhio", jnp.asarray(WINOGRAD_G, jnp.float32),
+    kernels = jnp.einsum("kw,dhwio->kdhio", jnp.asarray(WINOGRAD[2][1], jnp.float32),
                          kernel.astype(jnp.float32)).astype(kernel.dtype)  # G g, per (D, H) tap
     m = []
     for u, g in zip(transformed, kernels):
@@ -229,42 +253,60 @@ def _flat_conv_winograd(raw, kernel, grid, out_length):
     return jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]], axis=-1).reshape(cout, out_length)
 
 
-def _winograd_input_transform(raw, dtype):
-    """B^T d for every pair j of the flat axis of the payload raw (C, L), d = x[2j : 2j + 4]: the 4 Winograd
-    components, each (C, L // 2 - 1), in f32."""
-    x = _values(raw[:, :raw.shape[1] // 2 * 2], dtype).astype(jnp.float32).reshape(raw.shape[0], -1, 2)
-    even, odd = x[..., 0], x[..., 1]
-    e0, e1, o0, o1 = even[:, :-1], even[:, 1:], odd[:, :-1], odd[:, 1:]
-    return e0 - e1, o0 + e1, e1 - o0, o0 - o1
+def _winograd_input_transform(raw, dtype, tile=2, extend=False):
+    """B^T d for every tile j of the flat axis of the payload raw (C, L), d = x[tile j : tile j + tile + 2]: the
+    tile + 2 Winograd components, each (C, L // tile - 1), in f32; extend: (C, L // tile), x read as zeros past
+    its end."""
+    c = raw.shape[0]
+    tiles = raw.shape[1] // tile
+    x = _values(raw[:, :tiles * tile], dtype).astype(jnp.float32).reshape(c, tiles, tile)
+    current = [x[..., i] for i in range(tile)]
+    ahead = [v[:, 1:] for v in current[:2]]  # the next tile's first two values
+    if extend:
+        ahead = [jnp.pad(v, ((0, 0), (0, 1))) for v in ahead]
+    else:
+        current = [v[:, :-1] for v in current]
+    return tuple(_combine(row, current + ahead) for row in WINOGRAD[tile][0])
 
 
-def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32):
-    """`_cm_kernel_grad` (same arguments; 3x3x3 kernels, W even) with the W taps by Winograd F(3,2): 2/3 of its
-    multiplications.
+def kernel_grad_tile(dtype, grid) -> int:
+    """Winograd's tile along W for a kernel gradient (`_winograd_kernel_grad`): F(3,4) in f32 where W splits into
+    4s (3/4 of F(3,2)'s multiplications and copies); F(3,2) elsewhere, bf16 included: F(4,3)'s transforms, with
+    coefficients up to 8, doubled the bf16 kernel gradient's error and did not make it faster (RESULTS.md)."""
+    return 4 if dtype == jnp.float32 and grid[2] % 4 == 0 else 2
 
-    Along W the kernel gradient dk[kw] = sum_q x[q + kw] dy[q] is F(3,2) on the flat axis's pairs: for pair j,
-    with d = x[2j : 2j + 4] and e = dy[2j : 2j + 2], the 3 taps are G^T [(B^T d) * (A e)], F(2,3)'s matrices
-    transposed (the transposition principle). Each of the 4 components is a product like `_cm_kernel_grad`'s,
+
+def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, tile=None):
+    """`_cm_kernel_grad` (same arguments; 3x3x3 kernels, W even) with the W taps by Winograd F(3,m), m = tile
+    (2, or 4 where W splits into 4s; default `kernel_grad_tile`): (m + 2) / 3m of its multiplications.
+
+    Along W the kernel gradient dk[kw] = sum_q x[q + kw] dy[q] is F(3,m) on the flat axis's tiles of m: for tile j,
+    with d = x[mj : mj + m + 2] and e = dy[mj : mj + m], the 3 taps are G^T [(B^T d) * (A e)], F(m,3)'s matrices
+    transposed (the transposition principle). Each of the m + 2 components is a product like `_cm_kernel_grad`'s,
     the H taps copied into the contraction (3 Cin rows), the D taps as shifted rows of the output gradient
-    (3 Cout): 4 products (3 Cin, L/2) @ (L/2, 3 Cout) instead of one (9 Cin, L) @ (L, 3 Cout), as one batched
-    product, which a CPU's threads share better than 4 products with only 96 x 96 results (RESULTS.md). Pairs that
-    straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once."""
+    (3 Cout): m + 2 products (3 Cin, L/m) @ (L/m, 3 Cout) instead of one (9 Cin, L) @ (L, 3 Cout), as one batched
+    product, which a CPU's threads share better than separate products with only 96 x 96 results (RESULTS.md).
+    Tiles that straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once."""
+    tile = tile or kernel_grad_tile(dtype, grid)
     cin, cout = kernel_shape[3], kernel_shape[4]
     _, h, w = grid
-    plane = h * w // 2  # pairs per plane
-    length = raw.shape[1] // 2 - 1 - w  # the transformed input's pairs less the H taps' largest offset (2 rows)
+    plane = h * w // tile  # tiles per plane
+    # Tiles of output-gradient positions to cover: up to the last one whose H taps read the input (q < L - 2W - 2).
+    length = -(-(raw.shape[1] - 2 * w - 2) // tile)
     # The gradient placed at corner (2, 2, 2), read from two planes earlier: two zero planes in front of it
     # for the D taps' shifts (the sample before it, or the zeros placed in front of the first).
     start = _max_offset(grid) - 2 * h * w
-    dy = _values(dy_raw[:, start:start + 2 * (length + 2 * plane)], dtype).astype(jnp.float32).reshape(cout, -1, 2)
-    e0, e1 = dy[..., 0], dy[..., 1]
+    dy = _values(dy_raw[:, start:start + tile * (length + 2 * plane)], dtype).astype(jnp.float32)
+    e = [dy.reshape(cout, -1, tile)[..., i] for i in range(tile)]
+    a = tuple(zip(*WINOGRAD[tile][2]))  # A's rows: one per component
     # B^T d and A e, each rounded before the stack (a stack of f32 components would be materialised in f32)
-    transformed = jnp.stack([_bits(u.astype(dtype)) for u in _winograd_input_transform(raw, dtype)])
-    combined = jnp.stack([_bits(s.astype(dtype)) for s in (e0, e0 + e1, e0 - e1, -e1)])
-    cols = _values(_tap_rows(transformed, (w // 2,), length), dtype)  # (4, (kh, ci), length)
-    rows = _values(_tap_rows(combined, (plane,), length, reverse=True), dtype)  # (4, (kd, co), length)
+    extend = length + 2 * w // tile > raw.shape[1] // tile - 1  # the H taps read one tile past the last full one
+    transformed = jnp.stack([_bits(u.astype(dtype)) for u in _winograd_input_transform(raw, dtype, tile, extend)])
+    combined = jnp.stack([_bits(_combine(row, e).astype(dtype)) for row in a])
+    cols = _values(_tap_rows(transformed, (w // tile,), length), dtype)  # (m + 2, (kh, ci), length)
+    rows = _values(_tap_rows(combined, (plane,), length, reverse=True), dtype)  # (m + 2, (kd, co), length)
     products = lax.dot_general(cols, rows, (((2,), (2,)), ((0,), (0,))), preferred_element_type=result_dtype)
-    grad = jnp.einsum("ck,cab->kab", jnp.asarray(WINOGRAD_G, jnp.float32),
+    grad = jnp.einsum("ck,cab->kab", jnp.asarray(WINOGRAD[tile][1], jnp.float32),
                       products.astype(jnp.float32))  # (kw, (kh, ci), (kd, co))
     return grad.reshape(3, 3, cin, 3, cout).transpose(3, 1, 0, 2, 4).astype(dtype)
 
@@ -355,7 +397,7 @@ def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.flo
 
 def _kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, winograd=True,
                  dy_channels_last=False):
-    """The kernel gradient by `_winograd_kernel_grad` where F(2,3) applies to the layer (and `winograd`), else by
+    """The kernel gradient by `_winograd_kernel_grad` where Winograd applies to the layer (and `winograd`), else by
     `_cm_kernel_grad` (arguments: theirs)."""
     cin, cout = kernel_shape[3], kernel_shape[4]
     if winograd and winograd_applies(cin, cout, grid, raw.shape[1], kernel_shape[0]):

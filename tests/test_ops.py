@@ -187,6 +187,27 @@ def test_cm_payload_is_exact(dtype):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x.reshape(6, -1), np.float32))
 
 
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, F32_RTOL), (jnp.bfloat16, BF16_RTOL)])
+@pytest.mark.parametrize("shape", [(2, 6, 7, 8), (1, 5, 6, 12), (3, 7, 5, 4)], ids=lambda v: "x".join(map(str, v)))
+def test_winograd_kernel_gradient_tiles_equal_the_reference(shape, dtype, rtol):
+    """The kernel gradient by F(3,2) and by F(3,4) (tiles of 2 and 4 along W, which splits into 4s here) equals
+    XLA's; the whole-layer tests reach F(3,4) only where `kernel_grad_tile` picks it (f32, W a multiple of 4)."""
+    b, d, h, w = shape
+    x, _, _, projection = random_layer((b, d, h, w, 8, 16), seed=6)
+    x, dy = x.astype(dtype), projection.astype(dtype)
+    conv = lambda k: jax.lax.conv_general_dilated(x.astype(jnp.float32), k, (1, 1, 1), "VALID",
+                                                  dimension_numbers=ops.DIMENSION_NUMBERS)
+    want = jax.vjp(conv, jnp.zeros((3, 3, 3, 8, 16)))[1](dy.astype(jnp.float32))[0]
+    raw = ops._payload(ops.to_channel_major(x))
+    dy_raw = ops._payload(ops._on_input_grid(ops.to_channel_major(dy), 3))
+    assert ops.kernel_grad_tile(dtype, (d, h, w)) == (4 if dtype == jnp.float32 else 2)
+    for tile in (2, 4):
+        got = jax.jit(ops._winograd_kernel_grad, static_argnums=(2, 3, 4, 5, 6))(
+            raw, dy_raw, (d, h, w), (3, 3, 3, 8, 16), dtype, jnp.float32, tile)
+        assert got.dtype == dtype
+        assert relative_error(got.astype(jnp.float32), want) < rtol, tile
+
+
 def model_value_and_grads(variant, impl, variables, x, projection):
     model = models.build_model(variant, impl=impl)
 
