@@ -272,7 +272,7 @@ def _winograd_input_transform(raw, dtype, tile=2, extend=False):
 def kernel_grad_tile(dtype, grid) -> int:
     """Winograd's tile along W for a kernel gradient (`_winograd_kernel_grad`): F(3,4) in f32 where W splits into
     4s (3/4 of F(3,2)'s multiplications and copies); F(3,2) elsewhere, bf16 included: F(4,3)'s transforms, with
-    coefficients up to 8, doubled the bf16 kernel gradient's error and did not make it faster (RESULTS.md)."""
+    coefficients up to 8, almost tripled the bf16 kernel gradient's error and did not make it faster (RESULTS.md)."""
     return 4 if dtype == jnp.float32 and grid[2] % 4 == 0 else 2
 
 
