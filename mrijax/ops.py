@@ -250,7 +250,7 @@ def _flat_conv_winograd(raw, kernel, grid, out_length):
                        kernel.dtype)
         m.append(_outer_tap_sum(_product(_cm_kernel_matrix(g, 1), cols), cout, offsets, pairs))
     # A^T: y[2j] = m0 + m1 + m2, y[2j+1] = m1 - m2 - m3, interleaved
-    return jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]], axis=-1).reshape(cout, out_length)
+    return jnp.stack([_combine(row, m) for row in WINOGRAD[2][2]], axis=-1).reshape(cout, out_length)
 
 
 def _winograd_input_transform(raw, dtype, tile=2, extend=False):
@@ -290,6 +290,8 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     tile = tile or kernel_grad_tile(dtype, grid)
     cin, cout = kernel_shape[3], kernel_shape[4]
     _, h, w = grid
+    if w % tile:
+        raise ValueError(f"F(3,{tile}) needs W a multiple of {tile}, got the grid {grid}")
     plane = h * w // tile  # tiles per plane
     # Tiles of output-gradient positions to cover: up to the last one whose H taps read the input (q < L - 2W - 2).
     length = -(-(raw.shape[1] - 2 * w - 2) // tile)
