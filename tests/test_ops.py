@@ -206,6 +206,8 @@ def test_winograd_kernel_gradient_tiles_equal_the_reference(shape, dtype, rtol):
             raw, dy_raw, (d, h, w), (3, 3, 3, 8, 16), dtype, jnp.float32, tile)
         assert got.dtype == dtype
         assert relative_error(got.astype(jnp.float32), want) < rtol, tile
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ops._winograd_kernel_grad(raw, dy_raw, (d, h, w + 2), (3, 3, 3, 8, 16), dtype, jnp.float32, 4)
 
 
 def model_value_and_grads(variant, impl, variables, x, projection):
