@@ -299,7 +299,8 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     # for the D taps' shifts (the sample before it, or the zeros placed in front of the first).
     start = _max_offset(grid) - 2 * h * w
     dy = _values(dy_raw[:, start:start + tile * (length + 2 * plane)], dtype).astype(jnp.float32)
-    e = [dy.reshape(cout, -1, tile)[..., i] for i in range(tile)]
+    dy = dy.reshape(cout, -1, tile)
+    e = [dy[..., i] for i in range(tile)]
     a = tuple(zip(*WINOGRAD[tile][2]))  # A's rows: one per component
     # B^T d and A e, each rounded before the stack (a stack of f32 components would be materialised in f32)
     extend = length + 2 * w // tile > raw.shape[1] // tile - 1  # the H taps read one tile past the last full one
