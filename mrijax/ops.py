@@ -585,15 +585,40 @@ def channel_sums(x, channels_last: bool):
 
 
 @jax.custom_vjp
-def add_bias(y, bias):
-    """y + bias along y's last (channel) axis, the bias gradient as `channel_sums`: XLA:CPU fuses the producers of
-    a reduction's input (a layer's ReLU, pooling and BatchNorm backward) into it, and its classic runtime ran
-    those fused reductions several times more slowly than the product (RESULTS.md). The channel-major layers keep
-    a plain add: on jax 0.10.2, where they run, the product was slower there."""
+def computed_once(x, anchor):
+    """x, written once to a buffer that all its consumers read (the gradient passes through unchanged).
+
+    XLA:CPU fuses a cheap elementwise producer into each of its consumers and computes it again in each: a layer's
+    output gradient (the backward of the next BatchNorm, ReLU and pooling, a dozen inputs) was computed three
+    times, for the input-gradient convolution, the kernel gradient's operand and the bias gradient. A division is
+    one of the operations XLA counts as expensive and does not repeat, so x is divided by ones made at run time
+    from `anchor` (finite values broadcastable against x, which the compiler cannot fold away): exact. Under
+    jax 0.6.2's XLA (the default install on Linux x86-64, where the channels-last "onednn" layers run); later XLAs
+    rewrite the division as a multiplication and may compute x in each consumer again (still exact)."""
+    return x / (1 + 0 * anchor).astype(x.dtype)
+
+
+computed_once.defvjp(lambda x, anchor: (computed_once(x, anchor), anchor),
+                     lambda anchor, g: (g, jnp.zeros_like(anchor)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def add_bias(y, bias, gradient_dtype=jnp.float32):
+    """y + bias along y's last (channel) axis. Backward: the output gradient rounded to `gradient_dtype` (the
+    convolution's compute dtype, to which its backward rounds it anyway) and `computed_once`, the bias gradient
+    its `channel_sums`: XLA:CPU fuses the producers of a reduction's input (a layer's ReLU, pooling and BatchNorm
+    backward) into it, and its classic runtime ran those fused reductions several times more slowly than the
+    product (RESULTS.md). The channel-major layers keep a plain add: on jax 0.10.2, where they run, the product
+    was slower there."""
     return y + bias
 
 
-add_bias.defvjp(lambda y, bias: (y + bias, None), lambda _, g: (g, channel_sums(g, channels_last=True)))
+def _add_bias_backward(gradient_dtype, bias, g):
+    g = computed_once(g.astype(gradient_dtype), bias)
+    return g.astype(jnp.float32), channel_sums(g, channels_last=True)
+
+
+add_bias.defvjp(lambda y, bias, gradient_dtype: (y + bias, bias), _add_bias_backward)
 
 
 def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
@@ -614,7 +639,7 @@ def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout
         return conv3d_cm_t(x, kernel, resolve(impl) == "winograd") + bias.astype(jnp.float32)[:, None, None, None, None]
     if layout != "channels_last":
         raise ValueError(f"unknown layout {layout!r}")
-    return add_bias(fn(x, kernel).astype(jnp.float32), bias.astype(jnp.float32))
+    return add_bias(fn(x, kernel).astype(jnp.float32), bias.astype(jnp.float32), compute_dtype)
 
 
 # A 3-tap filter on a 2x nearest-upsampled signal u[i] = x[i // 2] reads only two samples of x per output:

@@ -78,17 +78,53 @@ def test_layer_matches_xla(impl, shape, compute_dtype, rtol):
     assert_matches(y, grads, y_ref, grads_ref, rtol)
 
 
-def test_bias_gradient_is_the_per_channel_sum():
-    """add_bias (whose bias gradient is a product with ones) against autodiff of a plain broadcast add."""
+@pytest.mark.parametrize("gradient_dtype", [jnp.float32, jnp.bfloat16])
+def test_bias_gradient_is_the_per_channel_sum(gradient_dtype):
+    """add_bias against autodiff of a plain broadcast add of the output gradient rounded to `gradient_dtype` (as
+    the convolution's backward rounds it): the same gradients, the bias's as the per-channel sum."""
     ky, kb, kp = jax.random.split(jax.random.PRNGKey(7), 3)
     y = jax.random.normal(ky, (3, 4, 5, 6, 7))
     bias = jax.random.normal(kb, (7,))
     projection = jax.random.normal(kp, y.shape)
-    got = jax.value_and_grad(lambda y, b: jnp.sum(ops.add_bias(y, b) * projection), (0, 1))(y, bias)
-    want = jax.value_and_grad(lambda y, b: jnp.sum((y + b) * projection), (0, 1))(y, bias)
+    got = jax.value_and_grad(lambda y, b: jnp.sum(ops.add_bias(y, b, gradient_dtype) * projection), (0, 1))(y, bias)
+    rounded = projection.astype(gradient_dtype).astype(jnp.float32)
+    want = jax.value_and_grad(lambda y, b: jnp.sum((y + b) * rounded), (0, 1))(y, bias)
     np.testing.assert_array_equal(ops.add_bias(y, bias), y + bias)
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(got[1][0], rounded)
+    for g, w in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    if gradient_dtype == jnp.bfloat16:
+        assert not np.array_equal(rounded, projection)  # the rounding was real
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_computed_once_is_exact_and_computed_once(dtype):
+    """computed_once returns x bit for bit and passes the gradient through unchanged; and where a producer has
+    three consumers XLA computes it once (one division in the compiled program), which it does not without."""
+    kx, kp = jax.random.split(jax.random.PRNGKey(3))
+    x = (jax.random.normal(kx, (4, 6, 8, 16)) * 1e3).astype(dtype)
+    anchor = jnp.arange(16, dtype=jnp.float32)
+    np.testing.assert_array_equal(jax.jit(ops.computed_once)(x, anchor), x)
+    projection = jax.random.normal(kp, x.shape).astype(dtype)
+    dx, danchor = jax.grad(lambda x, a: jnp.sum(ops.computed_once(x, a) * projection), (0, 1))(x, anchor)
+    np.testing.assert_array_equal(dx, projection)
+    np.testing.assert_array_equal(danchor, jnp.zeros_like(anchor))
+
+    def consumers(x, anchor, scale, once):
+        y = jnp.maximum(x * scale, 0) * scale + scale  # a cheap elementwise producer
+        y = ops.computed_once(y, anchor) if once else y
+        return jnp.sum(y, axis=(0, 1)), jnp.pad(y, 1), y @ jnp.ones((16, 3), dtype)
+
+    def multiplies_and_divisions(once):
+        hlo = jax.jit(consumers, static_argnums=3).lower(x, anchor, jnp.full((16,), 0.5, dtype), once)
+        text = hlo.compile().as_text()
+        return text.count(" multiply("), text.count(" divide(")
+
+    if ops.OLD_JAX:  # XLA since jax 0.7 turns the division into a multiplication (computed_once's docstring)
+        # without: the producer's two multiplies in several consumers; once: in one, and the anchor's 0 * anchor
+        multiplies, divisions = multiplies_and_divisions(False)
+        assert multiplies >= 4 and divisions == 0
+        assert multiplies_and_divisions(True) == (3, 1)
 
 
 def test_bf16_is_close_to_f32():
