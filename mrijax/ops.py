@@ -592,9 +592,9 @@ def computed_once(x, anchor):
     output gradient (the backward of the next BatchNorm, ReLU and pooling, a dozen inputs) was computed three
     times, for the input-gradient convolution, the kernel gradient's operand and the bias gradient. A division is
     one of the operations XLA counts as expensive and does not repeat, so x is divided by ones made at run time
-    from `anchor` (finite values broadcastable against x, which the compiler cannot fold away): exact. Under
-    jax 0.6.2's XLA (the default install on Linux x86-64, where the channels-last "onednn" layers run); later XLAs
-    rewrite the division as a multiplication and may compute x in each consumer again (still exact)."""
+    from `anchor` (finite values broadcastable against x, which the compiler cannot fold away): exact. This holds
+    for jax 0.6.2's XLA (the default install on Linux x86-64, where the channels-last "onednn" layers run); later
+    XLAs rewrite the division as a multiplication and may compute x in each consumer again (still exact)."""
     return x / (1 + 0 * anchor).astype(x.dtype)
 
 
@@ -614,8 +614,8 @@ def add_bias(y, bias, gradient_dtype=jnp.float32):
 
 
 def _add_bias_backward(gradient_dtype, bias, g):
-    g = computed_once(g.astype(gradient_dtype), bias)
-    return g.astype(jnp.float32), channel_sums(g, channels_last=True)
+    g = computed_once(g.astype(gradient_dtype), bias).astype(jnp.float32)  # summed in f32: oneDNN's product of
+    return g, channel_sums(g, channels_last=True)  # ones with a bf16 operand ran several times slower (RESULTS.md)
 
 
 add_bias.defvjp(lambda y, bias, gradient_dtype: (y + bias, bias), _add_bias_backward)
