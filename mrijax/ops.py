@@ -602,23 +602,22 @@ computed_once.defvjp(lambda x, anchor: (computed_once(x, anchor), anchor),
                      lambda anchor, g: (g, jnp.zeros_like(anchor)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def add_bias(y, bias, gradient_dtype=jnp.float32):
-    """y + bias along y's last (channel) axis. Backward: the output gradient rounded to `gradient_dtype` (the
-    convolution's compute dtype, to which its backward rounds it anyway) and `computed_once`, the bias gradient
-    its `channel_sums`: XLA:CPU fuses the producers of a reduction's input (a layer's ReLU, pooling and BatchNorm
-    backward) into it, and its classic runtime ran those fused reductions several times more slowly than the
-    product (RESULTS.md). The channel-major layers keep a plain add: on jax 0.10.2, where they run, the product
-    was slower there."""
+@jax.custom_vjp
+def add_bias(y, bias):
+    """y + bias along y's last (channel) axis. Backward: the output gradient `computed_once` (it feeds the
+    convolution's input and kernel gradients too), the bias gradient its `channel_sums`: XLA:CPU fuses the
+    producers of a reduction's input (a layer's ReLU, pooling and BatchNorm backward) into it, and its classic
+    runtime ran those fused reductions several times more slowly than the product (RESULTS.md). The channel-major
+    layers keep a plain add: on jax 0.10.2, where they run, the product was slower there."""
     return y + bias
 
 
-def _add_bias_backward(gradient_dtype, bias, g):
-    g = computed_once(g.astype(gradient_dtype), bias).astype(jnp.float32)  # summed in f32: oneDNN's product of
-    return g, channel_sums(g, channels_last=True)  # ones with a bf16 operand ran several times slower (RESULTS.md)
+def _add_bias_backward(bias, g):
+    g = computed_once(g, bias)
+    return g, channel_sums(g, channels_last=True)
 
 
-add_bias.defvjp(lambda y, bias, gradient_dtype: (y + bias, bias), _add_bias_backward)
+add_bias.defvjp(lambda y, bias: (y + bias, bias), _add_bias_backward)
 
 
 def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout: str = "channels_last"):
@@ -639,7 +638,7 @@ def conv3d(x, kernel, bias, impl: str = "xla", compute_dtype=jnp.float32, layout
         return conv3d_cm_t(x, kernel, resolve(impl) == "winograd") + bias.astype(jnp.float32)[:, None, None, None, None]
     if layout != "channels_last":
         raise ValueError(f"unknown layout {layout!r}")
-    return add_bias(fn(x, kernel).astype(jnp.float32), bias.astype(jnp.float32), compute_dtype)
+    return add_bias(fn(x, kernel).astype(jnp.float32), bias.astype(jnp.float32))
 
 
 # A 3-tap filter on a 2x nearest-upsampled signal u[i] = x[i // 2] reads only two samples of x per output:
