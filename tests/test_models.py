@@ -146,6 +146,36 @@ def test_channel_major_network_transposes_once(monkeypatch):
         assert len(calls) == expected, (impl, dtype, calls)
 
 
+def test_folded_batchnorm_trains_like_batchnorm_then_convolution():
+    """The whole CAE with each BatchNorm folded into the next convolution (the default) trains as with BatchNorm
+    applied first: output, every gradient and the batch statistics, from BatchNorm parameters away from (1, 0);
+    evaluation does not fold. (Each form of the pair is checked alone in test_norm.)"""
+    variables = models.init_variables("base", seed=3)
+    moved = lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape)
+    variables["params"] = {k: jax.tree.map(moved, v) if k.startswith("bn") else v for k, v in variables["params"].items()}
+    x = jax.random.uniform(jax.random.PRNGKey(5), (2, *models.input_shape("base", 4), 1))
+    runs = []
+    for fold in (False, True):
+        model = models.CAE(models.get_config("base"), impl="xla", fold_batchnorm=fold)
+
+        def loss(params):
+            y, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                   mutable=["batch_stats"])
+            return jnp.sum(y * y), (y, state["batch_stats"])
+
+        with jax.default_matmul_precision("highest"):
+            (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        program = str(jax.make_jaxpr(loss)(variables["params"]))
+        runs.append((y, grads, stats, [program.count(f"name={f}") for f in ("batch_normalize", "_normalized_conv")]))
+    relative = lambda got, want: float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    (y_ref, grads_ref, stats_ref, calls_ref), (y, grads, stats, calls) = runs
+    assert relative(y, y_ref) < 1e-5
+    for tree, ref, tolerance in ((grads, grads_ref, 1e-4), (stats, stats_ref, 1e-5)):
+        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(tree)):
+            assert relative(got, want) < tolerance, jax.tree_util.keystr(path)
+    assert calls_ref == [7, 0] and calls == [0, 7]  # the 7 BatchNorms: applied alone, then folded
+
+
 def test_fused_upsampling_trains_like_the_literal_upsampling():
     """The decoder's upsampling + BatchNorm + convolution, run as BatchNorm on the coarse grid and a sub-pixel
     convolution (the default), gives the literal form's output, gradients and batch statistics in training

@@ -1,12 +1,13 @@
 """mrijax's BatchNorm: flax's (two-pass variance) in values, running statistics and gradients, in both layouts,
-synchronised across devices, and exact where flax's default one-pass variance cancels."""
+synchronised across devices, and exact where flax's default one-pass variance cancels; and folded into the
+convolution that follows it, the same in values and gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrijax import norm
+from mrijax import models, norm
 
 SETTINGS = dict(momentum=0.9, epsilon=1e-3)
 
@@ -123,3 +124,73 @@ def test_statistics_are_synchronised_across_devices(axis):
 def test_a_middle_channel_axis_is_refused():
     with pytest.raises(ValueError, match="channel axis"):
         norm.BatchNorm(axis=2).init(jax.random.PRNGKey(0), jnp.ones((2, 3, 4, 5)))
+
+
+class _NormConv(nn.Module):
+    """BatchNorm, then a convolution (upsampled: of the 2x upsampled batch); fold: the convolution applies the
+    BatchNorm (`norm.normalized_conv`)."""
+    fold: bool
+    axis: int
+    impl: str
+    upsampled: bool = False
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        y = norm.BatchNorm(axis=self.axis, axis_name=self.axis_name, **SETTINGS)(x, fold=self.fold)
+        layout = "channel_major" if self.axis == 0 else "channels_last"
+        return models.Conv3D(4, impl=self.impl, layout=layout, upsampled=self.upsampled)(y)
+
+
+def _folded_and_not(axis, impl, upsampled, x, axis_name=None):
+    """For fold False and True: the output, updated statistics and the gradients (params, input) of a loss of the
+    output and of the running statistics (which flax differentiates through), mapped over replicas with
+    `axis_name`. The folded module is called with the other's (perturbed) variables."""
+    a, b = np.arange(1.0, 4.0, dtype=np.float32), np.arange(-2.0, 1.0, dtype=np.float32)
+    runs = []
+    for fold in (False, True):
+        module = _NormConv(fold, axis, impl, upsampled, axis_name)
+        if not runs:  # He-normal kernels; BatchNorm's parameters and statistics moved away from (1, 0)
+            sample, local = x[0] if axis_name else x, _NormConv(fold, axis, impl, upsampled)
+            variables, moved = local.init(jax.random.PRNGKey(0), sample), _variables(local, sample)
+            variables = {"batch_stats": moved["batch_stats"],
+                         "params": {**variables["params"], "BatchNorm_0": moved["params"]["BatchNorm_0"]}}
+            out = local.apply(variables, sample, mutable=["batch_stats"])[0].shape
+            weights = np.random.default_rng(6).normal(size=x.shape[:1] * bool(axis_name) + out).astype(np.float32)
+
+        def loss(params, x, w):
+            y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            stats = updates["batch_stats"]["BatchNorm_0"]
+            penalty = 5 * jnp.sum(stats["mean"] * a) + 5 * jnp.sum(stats["var"] * b)
+            return jnp.sum(jnp.sin(y) * w) + penalty, (y, stats)
+
+        run = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        if axis_name:
+            run = jax.vmap(run, in_axes=(None, 0, 0), axis_name=axis_name)
+        with jax.default_matmul_precision("highest"):
+            runs.append(jax.jit(run)(variables["params"], x, weights))
+    return runs
+
+
+@pytest.mark.parametrize("axis,impl,upsampled", [(-1, "xla", False), (-1, "xla", True), (0, "cm", False),
+                                                 (0, "winograd", True)])
+def test_batchnorm_folded_into_the_convolution_matches(axis, impl, upsampled):
+    """The convolution applying BatchNorm with the folded kernel and bias, whose backward takes BatchNorm's
+    per-channel sums from the kernels' gradients, gives what BatchNorm then the convolution gives: output,
+    running statistics, and the gradients of every parameter and of the input, through the output and the
+    statistics."""
+    x, _ = _data((3, 2, 6, 7, 8) if axis == 0 else (2, 6, 7, 8, 3), seed=5)
+    want, got = _folded_and_not(axis, impl, upsampled, x)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
+        scale = float(np.max(np.abs(w)))
+        assert float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) <= 1e-4 * scale, jax.tree_util.keystr(path)
+
+
+def test_folded_batchnorm_is_synchronised_across_devices():
+    """With `axis_name` (vmap standing for pmap), the folded form sums its statistics' gradients over the
+    replicas as BatchNorm does: the same input and parameter gradients on every replica."""
+    x, _ = _data((2, 2, 6, 7, 8, 3), seed=7)
+    want, got = _folded_and_not(-1, "xla", False, x, axis_name="devices")
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
+        scale = float(np.max(np.abs(w)))
+        assert float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) <= 1e-4 * scale, jax.tree_util.keystr(path)
