@@ -366,6 +366,14 @@ def _on_input_grid(dyt, taps, channels_last=False):
     return jnp.pad(dyt, pads + ((0, 0),) if channels_last else ((0, 0),) + pads)
 
 
+def _at_corner(dy, taps):
+    """A channels-last output gradient (B, D', H', W', C) placed at corner 0 of each sample's input grid: its flat
+    rows line up with the input's flat positions where the windows start. Written as one 5D pad, which XLA:CPU
+    emits fast; placing it at the far corner and slicing the flat rows (as `_on_input_grid` and a slice would) made
+    a fusion collapsing the minor axes, several times slower (RESULTS.md)."""
+    return jnp.pad(dy, ((0, 0),) + ((0, taps - 1),) * 3 + ((0, 0),))
+
+
 def _transposed_kernel(kernel):
     """The kernel of the input gradient: flipped along D, H and W, input and output channels swapped."""
     return kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
@@ -375,19 +383,21 @@ def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.flo
     """The kernel gradient from the payloads of the input (Cin, L) and of the output gradient placed on the input
     grid (`_cm_backward`): dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset], one product
     contracting the long axis, its result in `result_dtype` (f32 for YNNPACK; the kernel's dtype lets oneDNN run
-    bf16 at full speed, see `conv3d_onednn`). dy_channels_last: dy_raw is (L, Cout), for plans without outer
-    taps, where a slice of it is the product's other side as it is (no transpose)."""
+    bf16 at full speed, see `conv3d_onednn`). dy_channels_last: for plans without outer taps, dy_raw is (L, Cout)
+    with the gradient at corner 0 of each sample's grid instead (`_at_corner`), the product's other side as it is
+    (no transpose, no slice), and the input read as zeros past its end."""
     taps, cin, cout = kernel_shape[0], kernel_shape[3], kernel_shape[4]
     n = raw.shape[1]
     inner, outer, offsets = _cm_plan(grid, cin, cout, taps)
-    length = n - (taps - 1) * sum(inner)
     shift = _max_offset(grid, taps)
-    cols = _values(_tap_rows(raw, inner, length, taps=taps), dtype)
     if dy_channels_last:
         if outer:
             raise ValueError("a channels-last output gradient needs a plan without outer taps")
-        shifted, contracted = _values(dy_raw[shift:shift + length], dtype), 0
+        cols = _values(_tap_rows(jnp.pad(raw, ((0, 0), (0, shift))), inner, n, taps=taps), dtype)
+        shifted, contracted = _values(dy_raw, dtype), 0
     else:
+        length = n - (taps - 1) * sum(inner)
+        cols = _values(_tap_rows(raw, inner, length, taps=taps), dtype)
         shifted = _values(_tap_rows(dy_raw[:, shift - offsets[-1]:], outer, length, reverse=True, taps=taps), dtype)
         contracted = 1
     grad = lax.dot_general(cols, shifted, (((1,), (contracted,)), ((), ())),
@@ -523,11 +533,13 @@ def _onednn_backward(residuals, dy):
     # Placed while channels last, as integers, then made channel-major by the product: padding the 5D channel-major
     # array instead let XLA fuse the pad and the 5D -> (C, L) collapse into the tap copies (per-element index
     # arithmetic), which made them several times slower (RESULTS.md). Without outer taps (the first layer), the
-    # placed rows are used as they are.
-    placed = _on_input_grid(_bits(dy), taps, channels_last=True)
+    # gradient at corner 0 (`_at_corner`), its rows used as they are.
     cin, cout = kernel.shape[3:]
     channels_last = cm_inner_axes(cin, cout, taps) == 3
-    dy_raw = placed.reshape(-1, cout) if channels_last else _bits(_to_channel_major(_values(placed, dy.dtype)))
+    if channels_last:
+        dy_raw = _at_corner(_bits(dy), taps).reshape(-1, cout)
+    else:
+        dy_raw = _bits(_to_channel_major(_values(_on_input_grid(_bits(dy), taps, channels_last=True), dy.dtype)))
     dk = _kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype,
                       dy_channels_last=channels_last)
     return dx.astype(x.dtype), dk
