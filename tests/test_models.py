@@ -146,39 +146,44 @@ def test_channel_major_network_transposes_once(monkeypatch):
         assert len(calls) == expected, (impl, dtype, calls)
 
 
+def _train_once(model, variables, x):
+    """The training-mode output, the gradients of sum(y^2) and the updated batch statistics, in f32 products."""
+    def loss(params):
+        y, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                               mutable=["batch_stats"])
+        return jnp.sum(y * y), (y, state["batch_stats"])
+
+    with jax.default_matmul_precision("highest"):
+        (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    return y, grads, stats
+
+
+def _assert_trains_alike(got, want):
+    """`_train_once` results: output to 1e-5, gradients to 1e-4, statistics to 1e-5 of the largest value."""
+    relative = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    assert relative(got[0], want[0]) < 1e-5
+    for tree, ref, tolerance in ((got[1], want[1], 1e-4), (got[2], want[2], 1e-5)):
+        for (path, b), a in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(tree)):
+            assert relative(a, b) < tolerance, jax.tree_util.keystr(path)
+
+
 def test_folded_batchnorm_trains_like_batchnorm_then_convolution():
-    """The whole CAE with each BatchNorm folded into the next convolution (the default) trains as with BatchNorm
-    applied first: output, every gradient and the batch statistics, from BatchNorm parameters away from (1, 0);
-    evaluation does not fold. (Each form of the pair is checked alone in test_norm.)"""
+    """The whole CAE with each BatchNorm folded into the next convolution trains as with BatchNorm applied first:
+    output, every gradient and the batch statistics, from BatchNorm parameters away from (1, 0). Folding is the
+    default for the "onednn" form only, and only in training. (Each form of the pair is checked alone in
+    test_norm.)"""
     variables = models.init_variables("base", seed=3)
     moved = lambda p: p + 0.05 * jnp.sin(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape)
     variables["params"] = {k: jax.tree.map(moved, v) if k.startswith("bn") else v for k, v in variables["params"].items()}
     x = jax.random.uniform(jax.random.PRNGKey(5), (2, *models.input_shape("base", 4), 1))
-    runs = []
-    for fold in (False, True):
-        model = models.CAE(models.get_config("base"), impl="xla", fold_batchnorm=fold)
-
-        def loss(params):
-            y, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                   mutable=["batch_stats"])
-            return jnp.sum(y * y), (y, state["batch_stats"])
-
-        with jax.default_matmul_precision("highest"):
-            (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-        program = str(jax.make_jaxpr(loss)(variables["params"]))
-        runs.append((y, grads, stats, [program.count(f"name={f}") for f in ("batch_normalize", "_normalized_conv")]))
-    relative = lambda got, want: float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    (y_ref, grads_ref, stats_ref, calls_ref), (y, grads, stats, calls) = runs
-    assert relative(y, y_ref) < 1e-5
-    for tree, ref, tolerance in ((grads, grads_ref, 1e-4), (stats, stats_ref, 1e-5)):
-        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(tree)):
-            assert relative(got, want) < tolerance, jax.tree_util.keystr(path)
-    assert calls_ref == [7, 0] and calls == [0, 7]  # the 7 BatchNorms: applied alone, then folded
-    # by default, folded where the "onednn" form runs (jax 0.6.2 on CPUs), not for the other forms
+    folds = lambda model, train=True: str(jax.make_jaxpr(
+        lambda v: model.apply(v, x, train=train, mutable=["batch_stats"]))(variables)).count("name=_normalized_conv")
+    unfolded, folded = (models.CAE(models.get_config("base"), impl="xla", fold_batchnorm=f) for f in (False, True))
+    assert (folds(unfolded), folds(folded), folds(folded, train=False)) == (0, 7, 0)  # the 7 BatchNorms
+    _assert_trains_alike(_train_once(folded, variables, x), _train_once(unfolded, variables, x))
     for impl in ("auto", "winograd", "xla"):
         model = models.CAE(models.get_config("base"), impl=impl)
-        program = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables))
-        assert program.count("name=_normalized_conv") == (7 if ops.resolve(impl) == "onednn" else 0), impl
+        assert folds(model) == (7 if ops.resolve(impl) == "onednn" else 0), impl
 
 
 def test_fused_upsampling_trains_like_the_literal_upsampling():
@@ -189,24 +194,14 @@ def test_fused_upsampling_trains_like_the_literal_upsampling():
     variant, impl = "base", "xla"
     variables = models.init_variables(variant, seed=2)
     x = jax.random.uniform(jax.random.PRNGKey(4), (2, *models.input_shape(variant, 4), 1))
-    runs, phase_kernels = [], []
+    runs, phase_kernels, evaluated = [], [], []
     for fuse in (False, True):
         model = models.CAE(models.get_config(variant), impl=impl, fuse_upsampling=fuse)
         # the first decoder conv as 2x2x2 taps into 8 x 32 phase outputs: only in the fused program
         phase_kernels.append(str(jax.make_jaxpr(model.apply)(variables, x)).count("f32[2,2,2,32,256]"))
-
-        def loss(params):
-            y, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                   mutable=["batch_stats"])
-            return jnp.sum(y * y), (y, state["batch_stats"])
-
+        runs.append(_train_once(model, variables, x))
         with jax.default_matmul_precision("highest"):
-            (_, (y, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-            runs.append((y, grads, stats, jax.jit(model.apply)(variables, x)))
-    relative = lambda got, want: float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    (y_ref, grads_ref, stats_ref, eval_ref), (y, grads, stats, evaluated) = runs
-    assert relative(y, y_ref) < 1e-5 and relative(evaluated, eval_ref) < 1e-5
-    for tree, ref, tolerance in ((grads, grads_ref, 1e-4), (stats, stats_ref, 1e-5)):
-        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree_util.tree_leaves(tree)):
-            assert relative(got, want) < tolerance, jax.tree_util.keystr(path)
+            evaluated.append(jax.jit(model.apply)(variables, x))
+    _assert_trains_alike(runs[1], runs[0])
+    assert float(jnp.max(jnp.abs(evaluated[1] - evaluated[0])) / jnp.max(jnp.abs(evaluated[0]))) < 1e-5
     assert phase_kernels[0] == 0 and phase_kernels[1] > 0
