@@ -142,21 +142,22 @@ class _NormConv(nn.Module):
         return models.Conv3D(4, impl=self.impl, layout=layout, upsampled=self.upsampled)(y)
 
 
-def _folded_and_not(axis, impl, upsampled, x, axis_name=None):
-    """For fold False and True: the output, updated statistics and the gradients (params, input) of a loss of the
-    output and of the running statistics (which flax differentiates through), mapped over replicas with
-    `axis_name`. The folded module is called with the other's (perturbed) variables."""
+def _assert_folding_changes_nothing(axis, impl, upsampled, x, axis_name=None):
+    """BatchNorm then the convolution, unfolded and folded, give the same output, updated statistics and gradients
+    (params, input) of a loss of the output and of the running statistics (which flax differentiates through), to
+    1e-4 of each leaf's largest value; mapped over replicas with `axis_name`. He-normal kernels; BatchNorm's
+    parameters and statistics moved away from (1, 0)."""
+    sample, plain = x[0] if axis_name else x, _NormConv(False, axis, impl, upsampled)
+    moved = _variables(plain, sample)
+    variables = {"batch_stats": moved["batch_stats"],
+                 "params": {**plain.init(jax.random.PRNGKey(0), sample)["params"],
+                            "BatchNorm_0": moved["params"]["BatchNorm_0"]}}
+    out = plain.apply(variables, sample, mutable=["batch_stats"])[0].shape
+    weights = np.random.default_rng(6).normal(size=x.shape[:1] * bool(axis_name) + out).astype(np.float32)
     a, b = np.arange(1.0, 4.0, dtype=np.float32), np.arange(-2.0, 1.0, dtype=np.float32)
     runs = []
     for fold in (False, True):
         module = _NormConv(fold, axis, impl, upsampled, axis_name)
-        if not runs:  # He-normal kernels; BatchNorm's parameters and statistics moved away from (1, 0)
-            sample, local = x[0] if axis_name else x, _NormConv(fold, axis, impl, upsampled)
-            variables, moved = local.init(jax.random.PRNGKey(0), sample), _variables(local, sample)
-            variables = {"batch_stats": moved["batch_stats"],
-                         "params": {**variables["params"], "BatchNorm_0": moved["params"]["BatchNorm_0"]}}
-            out = local.apply(variables, sample, mutable=["batch_stats"])[0].shape
-            weights = np.random.default_rng(6).normal(size=x.shape[:1] * bool(axis_name) + out).astype(np.float32)
 
         def loss(params, x, w):
             y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
@@ -169,7 +170,10 @@ def _folded_and_not(axis, impl, upsampled, x, axis_name=None):
             run = jax.vmap(run, in_axes=(None, 0, 0), axis_name=axis_name)
         with jax.default_matmul_precision("highest"):
             runs.append(jax.jit(run)(variables["params"], x, weights))
-    return runs
+    want, got = runs
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
+        scale = float(np.max(np.abs(w)))
+        assert float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) <= 1e-4 * scale, jax.tree_util.keystr(path)
 
 
 @pytest.mark.parametrize("axis,impl,upsampled", [(-1, "xla", False), (-1, "xla", True), (0, "cm", False),
@@ -180,17 +184,11 @@ def test_batchnorm_folded_into_the_convolution_matches(axis, impl, upsampled):
     running statistics, and the gradients of every parameter and of the input, through the output and the
     statistics."""
     x, _ = _data((3, 2, 6, 7, 8) if axis == 0 else (2, 6, 7, 8, 3), seed=5)
-    want, got = _folded_and_not(axis, impl, upsampled, x)
-    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
-        scale = float(np.max(np.abs(w)))
-        assert float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) <= 1e-4 * scale, jax.tree_util.keystr(path)
+    _assert_folding_changes_nothing(axis, impl, upsampled, x)
 
 
 def test_folded_batchnorm_is_synchronised_across_devices():
     """With `axis_name` (vmap standing for pmap), the folded form sums its statistics' gradients over the
     replicas as BatchNorm does: the same input and parameter gradients on every replica."""
     x, _ = _data((2, 2, 6, 7, 8, 3), seed=7)
-    want, got = _folded_and_not(-1, "xla", False, x, axis_name="devices")
-    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
-        scale = float(np.max(np.abs(w)))
-        assert float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) <= 1e-4 * scale, jax.tree_util.keystr(path)
+    _assert_folding_changes_nothing(-1, "xla", False, x, axis_name="devices")
