@@ -56,15 +56,13 @@ class Conv3D(nn.Module):
     @nn.compact
     def __call__(self, x):
         """x: activations, or a `norm.Standardized` batch whose BatchNorm the convolution applies."""
-        data = x.x if isinstance(x, norm.Standardized) else x
-        cin = data.shape[0 if self.layout == "channel_major" else -1]
+        standardized = isinstance(x, norm.Standardized)
+        cin = (x.x if standardized else x).shape[0 if self.layout == "channel_major" else -1]
         kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         conv = functools.partial(ops.conv3d_upsampled if self.upsampled else ops.conv3d, impl=self.impl,
                                  compute_dtype=self.compute_dtype, layout=self.layout)
-        if isinstance(x, norm.Standardized):
-            return norm.normalized_conv(conv, x, kernel, bias)
-        return conv(x, kernel, bias)
+        return norm.normalized_conv(conv, x, kernel, bias) if standardized else conv(x, kernel, bias)
 
 
 @jax.custom_vjp

@@ -115,12 +115,18 @@ def _fold(kernel, conv_bias, scale, bias):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _normalized_conv(conv, epsilon, channels_last, x, mean, var, scale, bias, kernel, conv_bias):
-    return _normalized_conv_forward(conv, epsilon, channels_last, x, mean, var, scale, bias, kernel, conv_bias)[0]
+    return conv(_standardized(x, mean, var, epsilon, channels_last)[0], *_fold(kernel, conv_bias, scale, bias))
+
+
+def _standardized(x, mean, var, epsilon, channels_last):
+    """xhat = (x - mean) / sqrt(var + epsilon), and 1 / sqrt(var + epsilon)."""
+    inv = lax.rsqrt(var + epsilon)
+    return (x - _per_channel(mean, x, channels_last)) * _per_channel(inv, x, channels_last), inv
 
 
 def _normalized_conv_forward(conv, epsilon, channels_last, x, mean, var, scale, bias, kernel, conv_bias):
-    inv = lax.rsqrt(var + epsilon)
-    xhat = (x - _per_channel(mean, x, channels_last)) * _per_channel(inv, x, channels_last)
+    """The value, and as residuals the convolution's and the fold's VJPs (so the backward computes no forward)."""
+    xhat, inv = _standardized(x, mean, var, epsilon, channels_last)
     (folded_kernel, folded_bias), fold_vjp = jax.vjp(_fold, kernel, conv_bias, scale, bias)
     y, conv_vjp = jax.vjp(conv, xhat, folded_kernel, folded_bias)
     return y, (conv_vjp, fold_vjp, inv, folded_kernel)
