@@ -144,8 +144,8 @@ class _NormConv(nn.Module):
 
 def _assert_folding_changes_nothing(axis, impl, upsampled, x, axis_name=None):
     """BatchNorm then the convolution, unfolded and folded, give the same output, updated statistics and gradients
-    (params, input) of a loss of the output and of the running statistics (which flax differentiates through), to
-    1e-4 of each leaf's largest value; mapped over replicas with `axis_name`. He-normal kernels; BatchNorm's
+    (params, input) of a loss of the output and of the running statistics (which flax differentiates through), and
+    the same output and statistics when not differentiated, to 1e-4 of each leaf's largest value; mapped over replicas with `axis_name`. He-normal kernels; BatchNorm's
     parameters and statistics moved away from (1, 0)."""
     sample, plain = x[0] if axis_name else x, _NormConv(False, axis, impl, upsampled)
     moved = _variables(plain, sample)
@@ -166,10 +166,12 @@ def _assert_folding_changes_nothing(axis, impl, upsampled, x, axis_name=None):
             return jnp.sum(jnp.sin(y) * w) + penalty, (y, stats)
 
         run = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        forward = lambda x: module.apply(variables, x, mutable=["batch_stats"])  # not differentiated
         if axis_name:
             run = jax.vmap(run, in_axes=(None, 0, 0), axis_name=axis_name)
+            forward = jax.vmap(forward, axis_name=axis_name)
         with jax.default_matmul_precision("highest"):
-            runs.append(jax.jit(run)(variables["params"], x, weights))
+            runs.append((jax.jit(run)(variables["params"], x, weights), jax.jit(forward)(x)))
     want, got = runs
     for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
         scale = float(np.max(np.abs(w)))
