@@ -182,8 +182,8 @@ class CAE(nn.Module):
     training, each BatchNorm is applied by the convolution after it (`norm.normalized_conv`), whose backward takes
     BatchNorm's per-channel sums from the kernel gradients instead of two passes over the activations; equal up to
     rounding (False: BatchNorm, then the convolution). Not with dropout, which stands between the two. None (the
-    default): where it was measured faster, the "onednn" form (jax 0.6.2 on CPUs; the channel-major forms of
-    jax 0.10 ran 2-3% slower with it, RESULTS.md).
+    default): where it was measured faster, the "onednn" form (jax 0.6.2 on CPUs; with jax 0.10's channel-major
+    "winograd" form the bf16 base step ran 2-3% slower with it, RESULTS.md).
     """
 
     config: CAEConfig
