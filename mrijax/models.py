@@ -93,12 +93,14 @@ def _split_windows(x, axes):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _pool_even(x, axes):
     """2x max-pooling of the array axes `axes` (even sizes), one axis at a time: each a max of two contiguous
-    (or, for the minor axis, stride-2) halves, fused by XLA into one pass."""
+    (or, for the minor axis, stride-2) halves, fused by XLA into one pass, whose result is `computed_once`:
+    XLA:CPU otherwise computed the maxima again in each consumer (the next BatchNorm's statistics and
+    standardisation, and the backward's mask, each reading the 8x larger input)."""
     for a in axes:
         pairs = x.reshape(x.shape[:a] + (x.shape[a] // 2, 2) + x.shape[a + 1:])
         x = jnp.maximum(lax.index_in_dim(pairs, 0, a + 1, keepdims=False),
                         lax.index_in_dim(pairs, 1, a + 1, keepdims=False))
-    return x
+    return ops.computed_once(x, jnp.isnan(x.reshape(-1)[:1]).astype(x.dtype))  # an anchor always finite
 
 
 def _pool_even_fwd(x, axes):

@@ -101,6 +101,22 @@ def test_max_pool_matches_flax_in_values_and_gradients(axes):
     np.testing.assert_array_equal(jax.grad(lambda x: loss(ours, x))(x), jax.grad(lambda x: loss(flax_pool, x))(x))
 
 
+@pytest.mark.skipif(not ops.OLD_JAX, reason="later XLAs turn computed_once's division into a multiplication")
+def test_max_pool_computes_its_maxima_once():
+    """Where the pooled batch feeds several consumers (BatchNorm's statistics and standardisation) and the
+    backward's mask, the compiled program takes each window's maximum once (3 maxima: one per pooled axis)."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 8, 4))
+    projection = jax.random.normal(jax.random.PRNGKey(6), (2, 4, 4, 4, 4))
+
+    def loss(x):
+        y = models.max_pool(models.relu(x), "dhw")
+        mean, var = jnp.mean(y, axis=(0, 1, 2, 3)), jnp.var(y, axis=(0, 1, 2, 3))
+        return jnp.sum((y - mean) * jax.lax.rsqrt(var + 1e-3) * projection)
+
+    text = jax.jit(jax.value_and_grad(loss)).lower(x).compile().as_text()
+    assert text.count(" maximum(") == 3
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_relu_halves_is_relu_in_values_and_gradients(dtype):
     """The ReLU form of jax < 0.7 equals jax.nn.relu, including zeros, extremes and the gradient at 0."""
