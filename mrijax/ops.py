@@ -596,22 +596,27 @@ def channel_sums(x, channels_last: bool):
     return jnp.sum(sums.reshape(x.shape[0], -1), axis=1)
 
 
-@jax.custom_vjp
-def computed_once(x, anchor):
+def computed_once(x, anchor=None):
     """x, written once to a buffer that all its consumers read (the gradient passes through unchanged).
 
     XLA:CPU fuses a cheap elementwise producer into each of its consumers and computes it again in each: a layer's
     output gradient (the backward of the next BatchNorm, ReLU and pooling, a dozen inputs) was computed three
     times, for the input-gradient convolution, the kernel gradient's operand and the bias gradient. A division is
     one of the operations XLA counts as expensive and does not repeat, so x is divided by ones made at run time
-    from `anchor` (finite values broadcastable against x, which the compiler cannot fold away): exact. This holds
-    for jax 0.6.2's XLA (the default install on Linux x86-64, where the channels-last "onednn" layers run); later
-    XLAs rewrite the division as a multiplication and may compute x in each consumer again (still exact)."""
+    from `anchor` (finite values broadcastable against x, which the compiler cannot fold away; default: whether
+    x's first element is NaN, finite whatever x holds): exact. This holds for jax 0.6.2's XLA (the default install
+    on Linux x86-64, where the channels-last "onednn" layers run); later XLAs rewrite the division as a
+    multiplication and may compute x in each consumer again (still exact)."""
+    return _divided_by_ones(x, jnp.isnan(x.reshape(-1)[:1]).astype(x.dtype) if anchor is None else anchor)
+
+
+@jax.custom_vjp
+def _divided_by_ones(x, anchor):
     return x / (1 + 0 * anchor).astype(x.dtype)
 
 
-computed_once.defvjp(lambda x, anchor: (computed_once(x, anchor), anchor),
-                     lambda anchor, g: (g, jnp.zeros_like(anchor)))
+_divided_by_ones.defvjp(lambda x, anchor: (_divided_by_ones(x, anchor), anchor),
+                        lambda anchor, g: (g, jnp.zeros_like(anchor)))
 
 
 @jax.custom_vjp

@@ -105,10 +105,15 @@ def test_computed_once_is_exact_and_computed_once(dtype):
     dx, danchor = jax.grad(lambda x, a: jnp.sum(ops.computed_once(x, a) * projection), (0, 1))(x, anchor)
     np.testing.assert_array_equal(dx, projection)
     np.testing.assert_array_equal(danchor, jnp.zeros_like(anchor))
+    # the default anchor (from x itself) stays finite: an inf or a NaN first element spoils nothing else
+    for first in (jnp.inf, jnp.nan):
+        special = x.at[0, 0, 0, 0].set(first)
+        np.testing.assert_array_equal(jax.jit(ops.computed_once)(special), special)
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(ops.computed_once(x) * projection))(x), projection)
 
     def consumers(x, anchor, scale, once):
         y = jnp.maximum(x * scale, 0) * scale + scale  # a cheap elementwise producer
-        y = ops.computed_once(y, anchor) if once else y
+        y = y if once is False else ops.computed_once(y, anchor if once else None)
         return jnp.sum(y, axis=(0, 1)), jnp.pad(y, 1), y @ jnp.ones((16, 3), dtype)
 
     def multiplies_and_divisions(once):
@@ -121,6 +126,7 @@ def test_computed_once_is_exact_and_computed_once(dtype):
         multiplies, divisions = multiplies_and_divisions(False)
         assert multiplies >= 4 and divisions == 0
         assert multiplies_and_divisions(True) == (3, 1)
+        assert multiplies_and_divisions(None)[1] == 1  # the default anchor: one division too
 
 
 def test_bf16_is_close_to_f32():
