@@ -145,8 +145,8 @@ class _NormConv(nn.Module):
 def _assert_folding_changes_nothing(axis, impl, upsampled, x, axis_name=None):
     """BatchNorm then the convolution, unfolded and folded, give the same output, updated statistics and gradients
     (params, input) of a loss of the output and of the running statistics (which flax differentiates through), and
-    the same output and statistics when not differentiated, to 1e-4 of each leaf's largest value; mapped over replicas with `axis_name`. He-normal kernels; BatchNorm's
-    parameters and statistics moved away from (1, 0)."""
+    the same output and statistics when not differentiated, to 1e-4 of each leaf's largest value; mapped over
+    replicas with `axis_name`. He-normal kernels; BatchNorm's parameters and statistics moved away from (1, 0)."""
     sample, plain = x[0] if axis_name else x, _NormConv(False, axis, impl, upsampled)
     moved = _variables(plain, sample)
     variables = {"batch_stats": moved["batch_stats"],
