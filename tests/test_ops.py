@@ -111,9 +111,10 @@ def test_computed_once_is_exact_and_computed_once(dtype):
         np.testing.assert_array_equal(jax.jit(ops.computed_once)(special), special)
     np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(ops.computed_once(x) * projection))(x), projection)
 
-    def consumers(x, anchor, scale, once):
+    def consumers(x, anchor, scale, once):  # once: "no", "anchor" (the given one) or "default" (computed_once's)
         y = jnp.maximum(x * scale, 0) * scale + scale  # a cheap elementwise producer
-        y = y if once is False else ops.computed_once(y, anchor if once else None)
+        if once != "no":
+            y = ops.computed_once(y, anchor if once == "anchor" else None)
         return jnp.sum(y, axis=(0, 1)), jnp.pad(y, 1), y @ jnp.ones((16, 3), dtype)
 
     def multiplies_and_divisions(once):
@@ -123,10 +124,10 @@ def test_computed_once_is_exact_and_computed_once(dtype):
 
     if ops.OLD_JAX:  # XLA since jax 0.7 turns the division into a multiplication (computed_once's docstring)
         # without: the producer's two multiplies in several consumers; once: in one, and the anchor's 0 * anchor
-        multiplies, divisions = multiplies_and_divisions(False)
+        multiplies, divisions = multiplies_and_divisions("no")
         assert multiplies >= 4 and divisions == 0
-        assert multiplies_and_divisions(True) == (3, 1)
-        assert multiplies_and_divisions(None)[1] == 1  # the default anchor: one division too
+        assert multiplies_and_divisions("anchor") == (3, 1)
+        assert multiplies_and_divisions("default")[1] == 1  # one division too
 
 
 def test_bf16_is_close_to_f32():
