@@ -326,14 +326,19 @@ def _cm_forward(xt, kernel, winograd=False):
     columns are contiguous row slices and the outer-tap sum adds contiguous row slices. Positions whose
     window leaves the volume (or the sample) are computed too and cropped at the end (cheaper than the strided
     copies a VALID-only layout needs)."""
-    cout, taps = kernel.shape[4], kernel.shape[0]
-    c, b, d, h, w = xt.shape
-    n = b * d * h * w
-    out_length = n - _max_offset((d, h, w), taps)
+    taps = kernel.shape[0]
+    _, b, d, h, w = xt.shape
+    out_length = b * d * h * w - _max_offset((d, h, w), taps)
     raw = _payload(xt)
-    out = _flat_conv(raw, kernel, (d, h, w), out_length, winograd)
-    out = jnp.pad(out, ((0, 0), (0, n - out_length))).reshape(cout, b, d, h, w)
-    return out[:, :, :d - taps + 1, :h - taps + 1, :w - taps + 1], raw
+    return _on_output_grid(_flat_conv(raw, kernel, (d, h, w), out_length, winograd), (b, d, h, w), taps), raw
+
+
+def _on_output_grid(out, grid, taps):
+    """The flat result (Cout, n - largest offset) of a product convolution on the flattened (B, D, H, W) grid:
+    (Cout, B, D', H', W'), the positions whose window leaves the volume cropped."""
+    b, d, h, w = grid
+    out = jnp.pad(out, ((0, 0), (0, b * d * h * w - out.shape[1]))).reshape(out.shape[0], b, d, h, w)
+    return out[:, :, :d - taps + 1, :h - taps + 1, :w - taps + 1]
 
 
 def _cm_backward(winograd, residuals, dyt):
@@ -515,8 +520,16 @@ def conv3d_onednn(x, kernel):
     """VALID conv of channels-last x with a (k, k, k, Cin, Cout) kernel (same dtype), f32 result: the forward and
     the input gradient as convolutions (oneDNN's under the classic runtime), the kernel gradient as products over
     channel-major tap rows (`_kernel_grad`: Winograd's F(3,2) where it applies), since oneDNN runs
-    XLA's kernel-gradient convolution (a window the size of the volume) several times slower."""
-    return _lib_conv(x, kernel).astype(jnp.float32)
+    XLA's kernel-gradient convolution (a window the size of the volume) several times slower. One output channel
+    (the CAE's last layer): the value as "cm"'s product too, from the channel-major input the kernel gradient reads
+    (computed once), since oneDNN runs that convolution far below its speed (RESULTS.md)."""
+    if kernel.shape[-1] != 1:
+        return _lib_conv(x, kernel).astype(jnp.float32)
+    taps = kernel.shape[0]
+    b, d, h, w, _ = x.shape
+    raw = _bits(_to_channel_major(x))
+    out = _flat_conv(raw, kernel, (d, h, w), raw.shape[1] - _max_offset((d, h, w), taps))
+    return _on_output_grid(out, (b, d, h, w), taps).reshape(b, d - taps + 1, h - taps + 1, w - taps + 1, 1)
 
 
 def _onednn_forward(x, kernel):

@@ -172,15 +172,17 @@ def test_auto_picks_the_fast_form_of_this_backend():
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_onednn_runs_a_library_convolution_where_available():
+@pytest.mark.parametrize("cout,library_convolutions", [(16, 2), (1, 1)])
+def test_onednn_runs_a_library_convolution_where_available(cout, library_convolutions):
     """Under jax < 0.7 importing mrijax asks XLA:CPU for its classic runtime, which compiles the "onednn" form's
-    convolutions (forward and input gradient) to oneDNN calls; its kernel gradient stays one product."""
+    convolutions (forward and input gradient) to oneDNN calls; its kernel gradient stays one product, and so does
+    the value of a layer with one output channel (values: test_layer_matches_xla)."""
     if not ops.onednn_convolutions():
         pytest.skip(f"XLA does not hand convolutions to oneDNN with jax {jax.__version__} on this backend")
-    x, kernel, bias, projection = random_layer((1, 8, 9, 10, 16, 16))
+    x, kernel, bias, projection = random_layer((1, 8, 9, 10, 16, cout))
     loss = lambda a, k: jnp.sum(ops.conv3d(a, k, bias, impl="onednn") * projection)
     hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
-    assert hlo.count('custom_call_target="__onednn$convolution"') == 2  # the value and the input gradient
+    assert hlo.count('custom_call_target="__onednn$convolution"') == library_convolutions
     assert " convolution(" not in hlo
 
 
