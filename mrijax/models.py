@@ -67,7 +67,8 @@ class Conv3D(nn.Module):
 
 @jax.custom_vjp
 def relu_halves(x):
-    """max(x, 0) as |x|/2 + x/2 (equal for every finite x but denormals), with max's gradient (zero at 0)."""
+    """max(x, 0) as |x|/2 + x/2 (equal for every finite x but denormals; compiled, XLA may add before halving, which
+    overflows above half the largest float), with max's gradient (zero at 0)."""
     return jnp.abs(x) * 0.5 + x * 0.5
 
 
@@ -76,6 +77,19 @@ relu_halves.defvjp(lambda x: (relu_halves(x), x), lambda x, g: (jnp.where(x > 0,
 # XLA:CPU of jax < 0.7 (jax 0.6.2 is the default install on Linux x86-64) ran a lone f32 maximum over channels-last
 # activations several times slower than the 4-op form on an AMD Zen 4; jax 0.10's ran the maximum faster (RESULTS.md).
 relu = relu_halves if ops.OLD_JAX else nn.relu
+
+
+@jax.custom_vjp
+def relu_post_op(x):
+    """max(x, 0), written once, for the output of a oneDNN convolution ("onednn" form): behind an optimization
+    barrier XLA does not fuse the maximum into each of its consumers (BatchNorm's statistics and standardisation,
+    the kernel gradient's operand, the backward's mask), so XLA:CPU's oneDNN rewriter folds it into the convolution
+    as a ReLU post-op, and every consumer reads the convolution's output. The gradient's mask is taken from that
+    output (y > 0 exactly where x > 0), as relu's, zero at 0."""
+    return lax.optimization_barrier(jnp.maximum(x, 0))
+
+
+relu_post_op.defvjp(lambda x: (relu_post_op(x),) * 2, lambda y, g: (jnp.where(y > 0, g, 0),))
 
 
 def _split_windows(x, axes):
@@ -219,7 +233,9 @@ class CAE(nn.Module):
         spatial, channels = ((2, 3, 4), 0) if layout == "channel_major" else ((1, 2, 3), -1)
         if layout == "channel_major":
             x = ops.to_channel_major(x)
-        fold_batchnorm = ops.resolve(self.impl) == "onednn" if self.fold_batchnorm is None else self.fold_batchnorm
+        onednn = ops.resolve(self.impl) == "onednn"
+        fold_batchnorm = onednn if self.fold_batchnorm is None else self.fold_batchnorm
+        activation = relu_post_op if onednn else relu
         pooled = ""  # axes along which the current tensor is at half resolution
         fuse = False  # the next conv convolves x upsampled along D, H and W (see fuse_upsampling)
         skip = None
@@ -259,7 +275,7 @@ class CAE(nn.Module):
                        layout=layout, kernel_init=init, upsampled=fuse, name=f"conv{conv_index}_{suffix}")(x)
             fuse = False
             if not last:
-                x = relu(x)
+                x = activation(x)
             elif not cfg.anchor:
                 x = nn.sigmoid(x)
         if layout == "channel_major":

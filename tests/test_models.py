@@ -117,16 +117,42 @@ def test_max_pool_computes_its_maxima_once():
     assert text.count(" maximum(") == 3
 
 
+@pytest.mark.parametrize("form", ["relu_halves", "relu_post_op"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_relu_halves_is_relu_in_values_and_gradients(dtype):
-    """The ReLU form of jax < 0.7 equals jax.nn.relu, including zeros, extremes and the gradient at 0."""
+def test_relu_forms_are_relu_in_values_and_gradients(form, dtype):
+    """The ReLU forms (jax < 0.7's, and the one after oneDNN's convolutions) equal jax.nn.relu, including zeros,
+    extremes and the gradient at 0."""
+    relu = getattr(models, form)
     x = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(3), (997,)) * 10.0,
                          jnp.array([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, 1.0, -1.0])]).astype(dtype)
-    np.testing.assert_array_equal(models.relu_halves(x), jax.nn.relu(x))
+    np.testing.assert_array_equal(relu(x), jax.nn.relu(x))
     weights = jnp.arange(x.size, dtype=dtype)
-    got = jax.grad(lambda v: jnp.sum(models.relu_halves(v) * weights))(x)
+    got = jax.grad(lambda v: jnp.sum(relu(v) * weights))(x)
     want = jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * weights))(x)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_after_a_onednn_convolution_is_its_post_op(dtype):
+    """Where XLA hands convolutions to oneDNN, `relu_post_op` after a layer (value and gradients compiled together,
+    the activation read by several consumers) becomes the convolution's ReLU post-op; the plain forms stay separate
+    passes."""
+    if not ops.onednn_convolutions():
+        pytest.skip(f"XLA does not hand convolutions to oneDNN with jax {jax.__version__} on this backend")
+    kx, kk, kp = jax.random.split(jax.random.PRNGKey(4), 3)
+    x = jax.random.normal(kx, (2, 8, 8, 8, 8))
+    kernel = jax.random.normal(kk, (3, 3, 3, 8, 8)) * 0.1
+    projection = jax.random.normal(kp, (2, 6, 6, 6, 8))
+
+    def post_ops(relu):
+        def loss(x, kernel):
+            y = relu(ops.conv3d(x, kernel, jnp.zeros(8), impl="onednn", compute_dtype=dtype))
+            return jnp.sum(y * projection) + jnp.sum(y * y)  # two consumers
+        text = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, kernel).compile().as_text()
+        return text.count('"RELU"')
+
+    assert post_ops(models.relu_post_op) == 1
+    assert post_ops(models.relu) == 0
 
 
 @pytest.mark.parametrize("impl", ["winograd", "onednn"])  # "auto" is one of them on CPUs (tests/test_ops.py)
