@@ -276,7 +276,8 @@ def kernel_grad_tile(dtype, grid) -> int:
     return 4 if dtype == jnp.float32 and grid[2] % 4 == 0 else 2
 
 
-def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, tile=None):
+def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, tile=None,
+                          dy_offset=None):
     """`_cm_kernel_grad` (same arguments; 3x3x3 kernels, W even) with the W taps by Winograd F(3,m), m = tile
     (2, or 4 where W splits into 4s; default `kernel_grad_tile`): (m + 2) / 3m of its multiplications.
 
@@ -286,7 +287,9 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     the H taps copied into the contraction (3 Cin rows), the D taps as shifted rows of the output gradient
     (3 Cout): m + 2 products (3 Cin, L/m) @ (L/m, 3 Cout) instead of one (9 Cin, L) @ (L, 3 Cout), as one batched
     product, which a CPU's threads share better than separate products with only 96 x 96 results (RESULTS.md).
-    Tiles that straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once."""
+    Tiles that straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once.
+    dy_offset: as `_cm_kernel_grad`'s; where the gradient's tiles then start on whole tiles of the payload, they are
+    read from it in place (a slice starting inside a tile is copied first)."""
     tile = tile or kernel_grad_tile(dtype, grid)
     cin, cout = kernel_shape[3], kernel_shape[4]
     _, h, w = grid
@@ -295,11 +298,13 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     plane = h * w // tile  # tiles per plane
     # Tiles of output-gradient positions to cover: up to the last one whose H taps read the input (q < L - 2W - 2).
     length = -(-(raw.shape[1] - 2 * w - 2) // tile)
-    # The gradient placed at corner (2, 2, 2), read from two planes earlier: two zero planes in front of it
-    # for the D taps' shifts (the sample before it, or the zeros placed in front of the first).
-    start = _max_offset(grid) - 2 * h * w
-    dy = _values(dy_raw[:, start:start + tile * (length + 2 * plane)], dtype).astype(jnp.float32)
-    dy = dy.reshape(cout, -1, tile)
+    # The placed gradient read from two planes before its corner: two zero planes in front of it for the D taps'
+    # shifts (the sample before it, or the zeros placed in front of the first).
+    start, count = (_max_offset(grid) if dy_offset is None else dy_offset) - 2 * h * w, length + 2 * plane
+    if start % tile == 0 and dy_raw.shape[1] % tile == 0:
+        dy = _values(dy_raw, dtype).astype(jnp.float32).reshape(cout, -1, tile)[:, start // tile:start // tile + count]
+    else:
+        dy = _values(dy_raw[:, start:start + tile * count], dtype).astype(jnp.float32).reshape(cout, -1, tile)
     e = [dy[..., i] for i in range(tile)]
     a = tuple(zip(*WINOGRAD[tile][2]))  # A's rows: one per component
     # B^T d and A e, each rounded before the stack (a stack of f32 components would be materialised in f32)
@@ -361,14 +366,20 @@ def _cm_backward(winograd, residuals, dyt):
     return dx.reshape(cin, b, d, h, w), _kernel_grad(raw, dy_raw, grid, kernel.shape, kernel.dtype, winograd=winograd)
 
 
-def _on_input_grid(dyt, taps, channels_last=False):
+def _on_input_grid(dyt, taps, channels_last=False, corner=None):
     """The channel-major output gradient (Cout, B, D', H', W') placed at corner (taps - 1,) * 3 of each sample's
     input grid, = the flat gradient shifted right by the largest offset (`_max_offset`; every shifted position
     stays inside its sample), plus one zero sample of tail: the input of the dx product and, sliced, of the kernel
-    gradient. channels_last: the same for a (B, D', H', W', Cout) gradient."""
-    edge = (taps - 1, 0)
-    pads = ((0, 1), edge, edge, edge)
+    gradient. channels_last: the same for a (B, D', H', W', Cout) gradient. corner: another corner (per axis 0 or
+    taps - 1), at flat offset `_corner_offset`."""
+    corner = (taps - 1,) * 3 if corner is None else corner
+    pads = ((0, 1),) + tuple((c, taps - 1 - c) for c in corner)
     return jnp.pad(dyt, pads + ((0, 0),) if channels_last else ((0, 0),) + pads)
+
+
+def _corner_offset(grid, corner) -> int:
+    """The flat offset of a corner (per axis, voxels in front) of a (D, H, W) grid."""
+    return corner[0] * grid[1] * grid[2] + corner[1] * grid[2] + corner[2]
 
 
 def _at_corner(dy, taps):
@@ -384,17 +395,19 @@ def _transposed_kernel(kernel):
     return kernel[::-1, ::-1, ::-1].swapaxes(3, 4)
 
 
-def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, dy_channels_last=False):
+def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, dy_channels_last=False,
+                    dy_offset=None):
     """The kernel gradient from the payloads of the input (Cin, L) and of the output gradient placed on the input
     grid (`_cm_backward`): dk[inner tap, outer tap] = sum_q columns(x)[q] * dy[q - outer offset], one product
     contracting the long axis, its result in `result_dtype` (f32 for YNNPACK; the kernel's dtype lets oneDNN run
     bf16 at full speed, see `conv3d_onednn`). dy_channels_last: for plans without outer taps, dy_raw is (L, Cout)
     with the gradient at corner 0 of each sample's grid instead (`_at_corner`), the product's other side as it is
-    (no transpose, no slice), and the input read as zeros past its end."""
+    (no transpose, no slice), and the input read as zeros past its end. dy_offset: the flat offset of the corner the
+    gradient is placed at (default: the far corner, `_max_offset`); at least the largest outer-tap offset."""
     taps, cin, cout = kernel_shape[0], kernel_shape[3], kernel_shape[4]
     n = raw.shape[1]
     inner, outer, offsets = _cm_plan(grid, cin, cout, taps)
-    shift = _max_offset(grid, taps)
+    shift = _max_offset(grid, taps) if dy_offset is None else dy_offset
     if dy_channels_last:
         if outer:
             raise ValueError("a channels-last output gradient needs a plan without outer taps")
@@ -414,13 +427,13 @@ def _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.flo
 
 
 def _kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, winograd=True,
-                 dy_channels_last=False):
+                 dy_channels_last=False, dy_offset=None):
     """The kernel gradient by `_winograd_kernel_grad` where Winograd applies to the layer (and `winograd`), else by
     `_cm_kernel_grad` (arguments: theirs)."""
     cin, cout = kernel_shape[3], kernel_shape[4]
     if winograd and winograd_applies(cin, cout, grid, raw.shape[1], kernel_shape[0]):
-        return _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype)
-    return _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype, dy_channels_last)
+        return _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype, dy_offset=dy_offset)
+    return _cm_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype, dy_channels_last, dy_offset)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -546,15 +559,17 @@ def _onednn_backward(residuals, dy):
     # Placed while channels last, as integers, then made channel-major by the product: padding the 5D channel-major
     # array instead let XLA fuse the pad and the 5D -> (C, L) collapse into the tap copies (per-element index
     # arithmetic), which made them several times slower (RESULTS.md). Without outer taps (the first layer), the
-    # gradient at corner 0 (`_at_corner`), its rows used as they are.
+    # gradient at corner 0 (`_at_corner`), its rows used as they are. With outer taps along D only, at corner
+    # (taps - 1, 0, 0): all a D tap's shifts need, and a whole number of Winograd tiles into the payload.
     cin, cout = kernel.shape[3:]
-    channels_last = cm_inner_axes(cin, cout, taps) == 3
-    if channels_last:
+    n_inner = cm_inner_axes(cin, cout, taps)
+    corner = (taps - 1, 0, 0) if n_inner == 2 else (taps - 1,) * 3
+    if n_inner == 3:
         dy_raw = _at_corner(_bits(dy), taps).reshape(-1, cout)
     else:
-        dy_raw = _bits(_to_channel_major(_values(_on_input_grid(_bits(dy), taps, channels_last=True), dy.dtype)))
+        dy_raw = _bits(_to_channel_major(_values(_on_input_grid(_bits(dy), taps, True, corner), dy.dtype)))
     dk = _kernel_grad(raw, dy_raw, x.shape[1:4], kernel.shape, kernel.dtype, result_dtype=kernel.dtype,
-                      dy_channels_last=channels_last)
+                      dy_channels_last=n_inner == 3, dy_offset=_corner_offset(x.shape[1:4], corner))
     return dx.astype(x.dtype), dk
 
 
