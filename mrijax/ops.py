@@ -532,7 +532,7 @@ def _lib_conv(x, kernel):
 def conv3d_onednn(x, kernel):
     """VALID conv of channels-last x with a (k, k, k, Cin, Cout) kernel (same dtype), f32 result: the forward and
     the input gradient as convolutions (oneDNN's under the classic runtime), the kernel gradient as products over
-    channel-major tap rows (`_kernel_grad`: Winograd's F(3,2) where it applies), since oneDNN runs
+    channel-major tap rows (`_kernel_grad`: Winograd's F(3,2) or F(3,4) where it applies), since oneDNN runs
     XLA's kernel-gradient convolution (a window the size of the volume) several times slower. One output channel
     (the CAE's last layer): the value as "cm"'s product too, from the channel-major input the kernel gradient reads
     (computed once), since oneDNN runs that convolution far below its speed (RESULTS.md)."""
