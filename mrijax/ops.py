@@ -338,10 +338,10 @@ def _cm_forward(xt, kernel, winograd=False):
     return _on_output_grid(_flat_conv(raw, kernel, (d, h, w), out_length, winograd), (b, d, h, w), taps), raw
 
 
-def _on_output_grid(out, grid, taps):
-    """The flat result (Cout, n - largest offset) of a product convolution on the flattened (B, D, H, W) grid:
-    (Cout, B, D', H', W'), the positions whose window leaves the volume cropped."""
-    b, d, h, w = grid
+def _on_output_grid(out, batch_shape, taps):
+    """The flat result (Cout, n - largest offset) of a product convolution on the flattened grid of a batch of
+    shape (B, D, H, W): (Cout, B, D', H', W'), the positions whose window leaves the volume cropped."""
+    b, d, h, w = batch_shape
     out = jnp.pad(out, ((0, 0), (0, b * d * h * w - out.shape[1]))).reshape(out.shape[0], b, d, h, w)
     return out[:, :, :d - taps + 1, :h - taps + 1, :w - taps + 1]
 
