@@ -276,6 +276,13 @@ def kernel_grad_tile(dtype, grid) -> int:
     return 4 if dtype == jnp.float32 and grid[2] % 4 == 0 else 2
 
 
+def kernel_grad_widening(dtype, grid, n_inner: int) -> int:
+    """Zero columns the "onednn" form appends along W before a kernel gradient, so that F(3,4) applies: 2 in f32
+    where W = 2 mod 4 (the 34^3 layer: F(3,4) on a 36-wide grid does 0.79x F(3,2)'s products and copies on the
+    34-wide one), else 0. Only for the Winograd layers (`n_inner` 2, 3x3x3 kernels)."""
+    return 2 if dtype == jnp.float32 and n_inner == 2 and grid[2] % 4 == 2 else 0
+
+
 def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, tile=None,
                           dy_offset=None):
     """`_cm_kernel_grad` (same arguments; 3x3x3 kernels, W even) with the W taps by Winograd F(3,m), m = tile
@@ -555,14 +562,17 @@ def _onednn_backward(residuals, dy):
     dy = dy.astype(kernel.dtype)
     full = jnp.pad(dy, ((0, 0),) + ((taps - 1, taps - 1),) * 3 + ((0, 0),))
     dx = _lib_conv(full, _transposed_kernel(kernel))
+    cin, cout = kernel.shape[3:]
+    n_inner = cm_inner_axes(cin, cout, taps)
+    widen = kernel_grad_widening(kernel.dtype, x.shape[1:4], n_inner)
+    if widen:  # zero columns of input and gradient, which meet only each other's zeros in the kernel gradient
+        x, dy = (jnp.pad(a, ((0, 0),) * 3 + ((0, widen),) + ((0, 0),)) for a in (x, dy))
     raw = _bits(_to_channel_major(x))
     # Placed while channels last, as integers, then made channel-major by the product: padding the 5D channel-major
     # array instead let XLA fuse the pad and the 5D -> (C, L) collapse into the tap copies (per-element index
     # arithmetic), which made them several times slower (RESULTS.md). Without outer taps (the first layer), the
     # gradient at corner 0 (`_at_corner`), its rows used as they are. With outer taps along D only, at corner
     # (taps - 1, 0, 0): all a D tap's shifts need, and a whole number of Winograd tiles into the payload.
-    cin, cout = kernel.shape[3:]
-    n_inner = cm_inner_axes(cin, cout, taps)
     corner = (taps - 1, 0, 0) if n_inner == 2 else (taps - 1,) * 3
     if n_inner == 3:
         dy_raw = _at_corner(_bits(dy), taps).reshape(-1, cout)
