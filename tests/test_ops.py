@@ -251,14 +251,15 @@ def test_winograd_kernel_gradient_tiles_equal_the_reference(shape, dtype, rtol):
         ops._winograd_kernel_grad(raw, dy_raw, (d, h, w + 2), (3, 3, 3, 8, 16), dtype, jnp.float32, 4)
 
 
-@pytest.mark.parametrize("dtype,w,product", [(jnp.float32, 10, "f32[6,96,96]"), (jnp.float32, 8, "f32[6,96,96]"),
-                                             (jnp.bfloat16, 10, "bf16[4,96,96]")])
-def test_onednn_kernel_gradient_widens_w_to_tiles_of_4(dtype, w, product):
+@pytest.mark.parametrize("dtype,w,widening,product", [(jnp.float32, 10, 2, "f32[6,96,96]"),
+                                                      (jnp.float32, 8, 0, "f32[6,96,96]"),
+                                                      (jnp.bfloat16, 10, 0, "bf16[4,96,96]")])
+def test_onednn_kernel_gradient_widens_w_to_tiles_of_4(dtype, w, widening, product):
     """In f32 the "onednn" form's kernel gradient takes F(3,4) (6 Winograd components, one batched product) on a
-    grid with W = 2 mod 4 too, two zero columns appended; bf16 keeps F(3,2) (4). Values: test_layer_matches_xla
-    (W = 10 among its shapes)."""
-    assert ops.kernel_grad_widening(dtype, (6, 7, w), 2) == (2 if dtype == jnp.float32 and w % 4 else 0)
-    assert ops.kernel_grad_widening(dtype, (6, 7, w), 3) == 0
+    grid with W = 2 mod 4 too, two zero columns appended (W a multiple of 4 needs none); bf16 keeps F(3,2) (4). The
+    widened gradient equals XLA's."""
+    assert ops.kernel_grad_widening(dtype, (6, 7, w), 2) == widening
+    assert ops.kernel_grad_widening(dtype, (6, 7, w), 3) == 0  # the first layer's plan has no Winograd
     x, kernel, bias, projection = random_layer((1, 6, 7, w, 32, 32))
     loss = lambda k: jnp.sum(ops.conv3d(x, k, bias, impl="onednn", compute_dtype=dtype) * projection)
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(kernel))
