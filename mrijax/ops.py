@@ -9,7 +9,7 @@
 - "winograd": "cm" with the W taps of every layer with more than one input and output channel computed by
   Winograd's minimal filtering F(2,3) (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"):
   2 outputs along W from 4 transformed inputs, so the products do 2/3 of the multiplications (forward pass and
-  input gradient; the kernel gradient by F(3,2), its transpose, or in f32 by F(3,4) where W splits into 4s).
+  input gradient; the kernel gradient by F(3,2), its transpose, or by F(3,4) where W splits into 4s).
 - "onednn": XLA's convolution where XLA:CPU hands it to oneDNN (jax < 0.7, classic runtime: the default
   install on Linux x86-64) for the forward pass and input gradient, the kernel gradient as "winograd"'s products.
 - "auto" (the default): on CPUs "onednn" where XLA compiles convolutions to oneDNN, else "winograd" (the whole
@@ -257,10 +257,7 @@ def _winograd_input_transform(raw, dtype, tile=2, extend=False):
     """B^T d for every tile j of the flat axis of the payload raw (C, L), d = x[tile j : tile j + tile + 2]: the
     tile + 2 Winograd components, each (C, L // tile - 1), in f32; extend: (C, L // tile), x read as zeros past
     its end."""
-    c = raw.shape[0]
-    tiles = raw.shape[1] // tile
-    x = _values(raw[:, :tiles * tile], dtype).astype(jnp.float32).reshape(c, tiles, tile)
-    current = [x[..., i] for i in range(tile)]
+    current = _tile_values(raw, dtype, tile, 0, raw.shape[1] // tile)
     ahead = [v[:, 1:] for v in current[:2]]  # the next tile's first two values
     if extend:
         ahead = [jnp.pad(v, ((0, 0), (0, 1))) for v in ahead]
@@ -269,20 +266,42 @@ def _winograd_input_transform(raw, dtype, tile=2, extend=False):
     return tuple(_combine(row, current + ahead) for row in WINOGRAD[tile][0])
 
 
-def kernel_grad_tile(dtype, grid) -> int:
-    """Winograd's tile along W for a kernel gradient (`_winograd_kernel_grad`): F(3,4) in f32 where W splits into
-    4s (3/4 of F(3,2)'s multiplications and copies); F(3,2) elsewhere, bf16 included: F(4,3)'s transforms, with
-    coefficients up to 8, almost tripled the bf16 kernel gradient's error and did not make it faster (RESULTS.md)."""
-    return 4 if dtype == jnp.float32 and grid[2] % 4 == 0 else 2
+def _tile_values(raw, dtype, tile, start, count):
+    """The values of `count` whole tiles of the flat axis of the payload raw (C, L) from flat offset start: `tile`
+    arrays (C, count) in f32, the i-th holding each tile's value i. Tiles that start on whole tiles of the payload are
+    read in place (a slice starting inside a tile is copied first). A bf16 payload is read as u32 pairs, each half
+    made f32 by a shift or a mask (exact): XLA:CPU materialised tiles of 4 converted to f32 and read them with a
+    stride of 4, which made F(3,4)'s bf16 transforms slower than F(3,2)'s; F(3,2)'s own tiles are fastest read
+    directly (RESULTS.md)."""
+    c, n = raw.shape
+    if start % tile or n % tile:
+        raw, start, n = raw[:, start:start + tile * count], 0, tile * count
+    if dtype != jnp.bfloat16 or tile != 4:
+        x = _values(raw, dtype).astype(jnp.float32).reshape(c, -1, tile)[:, start // tile:start // tile + count]
+        return [x[..., i] for i in range(tile)]
+    pairs = lax.bitcast_convert_type(raw.reshape(c, n // 2, 2), jnp.uint32).reshape(c, -1, 2)
+    pairs = pairs[:, start // tile:start // tile + count]
+    values = []
+    for p in range(2):  # a pair's first value is its low half (little-endian)
+        values += [_values(pairs[..., p] << 16, jnp.float32), _values(pairs[..., p] & jnp.uint32(0xFFFF0000), jnp.float32)]
+    return values
 
 
-def kernel_grad_widening(dtype, grid, n_inner: int) -> int:
+def kernel_grad_tile(grid) -> int:
+    """Winograd's tile along W for a kernel gradient (`_winograd_kernel_grad`): F(3,4) where W splits into 4s (3/4
+    of F(3,2)'s multiplications and copies), else F(3,2). In bf16 F(4,3)'s transforms, with coefficients up to 8,
+    give the kernel gradient about three times F(3,2)'s error; training from one start on the same batches drifted no
+    further from its f32 twin than with F(3,2) (RESULTS.md)."""
+    return 4 if grid[2] % 4 == 0 else 2
+
+
+def kernel_grad_widening(grid, n_inner: int) -> int:
     """Zero columns the "onednn" form appends along W before a kernel gradient, so that F(3,4) applies: 2 where W =
-    2 mod 4 and `kernel_grad_tile` picks F(3,4) for the widened grid (f32; the 34^3 layer: F(3,4) on a 36-wide grid
-    does 0.79x F(3,2)'s products and copies on the 34-wide one), else 0. Only for the Winograd layers (`n_inner` 2,
-    3x3x3 kernels)."""
+    2 mod 4 and `kernel_grad_tile` picks F(3,4) for the widened grid (the 34^3 layer: F(3,4) on a 36-wide grid does
+    0.79x F(3,2)'s products and copies on the 34-wide one), else 0. Only for the Winograd layers (`n_inner` 2, 3x3x3
+    kernels)."""
     d, h, w = grid
-    return 2 if n_inner == 2 and w % 4 == 2 and kernel_grad_tile(dtype, (d, h, w + 2)) == 4 else 0
+    return 2 if n_inner == 2 and w % 4 == 2 and kernel_grad_tile((d, h, w + 2)) == 4 else 0
 
 
 def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, tile=None,
@@ -299,7 +318,7 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     Tiles that straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once.
     dy_offset: as `_cm_kernel_grad`'s; where the gradient's tiles then start on whole tiles of the payload, they are
     read from it in place (a slice starting inside a tile is copied first)."""
-    tile = tile or kernel_grad_tile(dtype, grid)
+    tile = tile or kernel_grad_tile(grid)
     cin, cout = kernel_shape[3], kernel_shape[4]
     _, h, w = grid
     if w % tile:
@@ -310,11 +329,7 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     # The placed gradient read from two planes before its corner: two zero planes in front of it for the D taps'
     # shifts (the sample before it, or the zeros placed in front of the first).
     start, count = (_max_offset(grid) if dy_offset is None else dy_offset) - 2 * h * w, length + 2 * plane
-    if start % tile == 0 and dy_raw.shape[1] % tile == 0:
-        dy = _values(dy_raw, dtype).astype(jnp.float32).reshape(cout, -1, tile)[:, start // tile:start // tile + count]
-    else:
-        dy = _values(dy_raw[:, start:start + tile * count], dtype).astype(jnp.float32).reshape(cout, -1, tile)
-    e = [dy[..., i] for i in range(tile)]
+    e = _tile_values(dy_raw, dtype, tile, start, count)
     a = tuple(zip(*WINOGRAD[tile][2]))  # A's rows: one per component
     # B^T d and A e, each rounded before the stack (a stack of f32 components would be materialised in f32)
     extend = length + 2 * w // tile > raw.shape[1] // tile - 1  # the H taps read one tile past the last full one
@@ -566,7 +581,7 @@ def _onednn_backward(residuals, dy):
     dx = _lib_conv(full, _transposed_kernel(kernel))
     cin, cout = kernel.shape[3:]
     n_inner = cm_inner_axes(cin, cout, taps)
-    widen = kernel_grad_widening(kernel.dtype, x.shape[1:4], n_inner)
+    widen = kernel_grad_widening(x.shape[1:4], n_inner)
     if widen:  # zero columns of input and gradient, which meet only each other's zeros in the kernel gradient
         x, dy = (jnp.pad(a, ((0, 0),) * 3 + ((0, widen),) + ((0, 0),)) for a in (x, dy))
     raw = _bits(_to_channel_major(x))

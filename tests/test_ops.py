@@ -232,7 +232,7 @@ def test_cm_payload_is_exact(dtype):
 @pytest.mark.parametrize("shape", [(2, 6, 7, 8), (1, 5, 6, 12), (3, 7, 5, 4)], ids=lambda v: "x".join(map(str, v)))
 def test_winograd_kernel_gradient_tiles_equal_the_reference(shape, dtype, rtol):
     """The kernel gradient by F(3,2) and by F(3,4) (tiles of 2 and 4 along W, which splits into 4s here) equals
-    XLA's; the whole-layer tests reach F(3,4) only where `kernel_grad_tile` picks it (f32, W a multiple of 4)."""
+    XLA's; the whole-layer tests reach F(3,4) only where `kernel_grad_tile` picks it (W a multiple of 4)."""
     b, d, h, w = shape
     x, _, _, projection = random_layer((b, d, h, w, 8, 16), seed=6)
     x, dy = x.astype(dtype), projection.astype(dtype)
@@ -241,7 +241,7 @@ def test_winograd_kernel_gradient_tiles_equal_the_reference(shape, dtype, rtol):
     want = jax.vjp(conv, jnp.zeros((3, 3, 3, 8, 16)))[1](dy.astype(jnp.float32))[0]
     raw = ops._payload(ops.to_channel_major(x))
     dy_raw = ops._payload(ops._on_input_grid(ops.to_channel_major(dy), 3))
-    assert ops.kernel_grad_tile(dtype, (d, h, w)) == (4 if dtype == jnp.float32 else 2)
+    assert ops.kernel_grad_tile((d, h, w)) == 4 and ops.kernel_grad_tile((d, h, w + 2)) == 2
     for tile in (2, 4):
         got = jax.jit(ops._winograd_kernel_grad, static_argnums=(2, 3, 4, 5, 6))(
             raw, dy_raw, (d, h, w), (3, 3, 3, 8, 16), dtype, jnp.float32, tile)
@@ -251,15 +251,29 @@ def test_winograd_kernel_gradient_tiles_equal_the_reference(shape, dtype, rtol):
         ops._winograd_kernel_grad(raw, dy_raw, (d, h, w + 2), (3, 3, 3, 8, 16), dtype, jnp.float32, 4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tile,start", [(4, 0), (4, 8), (4, 6), (2, 0), (2, 3)])
+def test_tile_values_are_the_payloads_values(dtype, tile, start):
+    """`_tile_values` (bf16 tiles of 4 read as u32 pairs) gives each tile's values exactly, from a whole tile of the
+    payload or from inside one."""
+    x = jax.random.normal(jax.random.PRNGKey(9), (3, 64)).astype(dtype)
+    count = 10
+    got = jax.jit(ops._tile_values, static_argnums=(1, 2, 3, 4))(ops._bits(x), dtype, tile, start, count)
+    want = np.asarray(x, np.float32)[:, start:start + tile * count].reshape(3, count, tile)
+    assert len(got) == tile
+    for i, values in enumerate(got):
+        assert values.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(values), want[..., i])
+
+
 @pytest.mark.parametrize("dtype,w,widening,product", [(jnp.float32, 10, 2, "f32[6,96,96]"),
                                                       (jnp.float32, 8, 0, "f32[6,96,96]"),
-                                                      (jnp.bfloat16, 10, 0, "bf16[4,96,96]")])
+                                                      (jnp.bfloat16, 10, 2, "bf16[6,96,96]")])
 def test_onednn_kernel_gradient_widens_w_to_tiles_of_4(dtype, w, widening, product):
-    """In f32 the "onednn" form's kernel gradient takes F(3,4) (6 Winograd components, one batched product) on a
-    grid with W = 2 mod 4 too, two zero columns appended (W a multiple of 4 needs none); bf16 keeps F(3,2) (4). The
-    widened gradient equals XLA's."""
-    assert ops.kernel_grad_widening(dtype, (6, 7, w), 2) == widening
-    assert ops.kernel_grad_widening(dtype, (6, 7, w), 3) == 0  # the first layer's plan has no Winograd
+    """The "onednn" form's kernel gradient takes F(3,4) (6 Winograd components, one batched product) on a grid with
+    W = 2 mod 4 too, two zero columns appended (W a multiple of 4 needs none). The widened gradient equals XLA's."""
+    assert ops.kernel_grad_widening((6, 7, w), 2) == widening
+    assert ops.kernel_grad_widening((6, 7, w), 3) == 0  # the first layer's plan has no Winograd
     x, kernel, bias, projection = random_layer((1, 6, 7, w, 32, 32))
     loss = lambda k: jnp.sum(ops.conv3d(x, k, bias, impl="onednn", compute_dtype=dtype) * projection)
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(kernel))
