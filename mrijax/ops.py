@@ -466,7 +466,8 @@ def conv3d_cm_t(xt, kernel, winograd=False):
     kernel (`conv3d_upsampled`) trims one voxel per axis instead of two.
 
     xt and kernel share a dtype (float32 or bfloat16); the product accumulates in f32. winograd: the W taps of a
-    3x3x3 kernel by F(2,3) where `winograd_applies` (forward and input gradient; the kernel gradient by F(3,2))."""
+    3x3x3 kernel by F(2,3) where `winograd_applies` (forward and input gradient; the kernel gradient by F(3,2) or
+    F(3,4), `kernel_grad_tile`)."""
     return _cm_forward(xt, kernel, winograd)[0]
 
 
