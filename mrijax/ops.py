@@ -269,10 +269,10 @@ def _winograd_input_transform(raw, dtype, tile=2, extend=False):
 def _tile_values(raw, dtype, tile, start, count):
     """The values of `count` whole tiles of the flat axis of the payload raw (C, L) from flat offset start: `tile`
     arrays (C, count) in f32, the i-th holding each tile's value i. Tiles that start on whole tiles of the payload are
-    read in place (a slice starting inside a tile is copied first). A bf16 payload is read as u32 pairs, each half
-    made f32 by a shift or a mask (exact): XLA:CPU materialised tiles of 4 converted to f32 and read them with a
-    stride of 4, which made F(3,4)'s bf16 transforms slower than F(3,2)'s; F(3,2)'s own tiles are fastest read
-    directly (RESULTS.md)."""
+    read in place (a slice starting inside a tile is copied first). A bf16 payload's tiles of 4 are read as u32
+    pairs, each half made f32 by a shift or a mask (exact): XLA:CPU materialised them converted to f32 and read them
+    with a stride of 4, which made F(3,4)'s bf16 transforms slower than F(3,2)'s; tiles of 2 are fastest read directly
+    (RESULTS.md)."""
     c, n = raw.shape
     if start % tile or n % tile:
         raw, start, n = raw[:, start:start + tile * count], 0, tile * count
@@ -283,7 +283,8 @@ def _tile_values(raw, dtype, tile, start, count):
     pairs = pairs[:, start // tile:start // tile + count]
     values = []
     for p in range(2):  # a pair's first value is its low half (little-endian)
-        values += [_values(pairs[..., p] << 16, jnp.float32), _values(pairs[..., p] & jnp.uint32(0xFFFF0000), jnp.float32)]
+        pair = pairs[..., p]
+        values += [_values(pair << 16, jnp.float32), _values(pair & jnp.uint32(0xFFFF0000), jnp.float32)]
     return values
 
 
