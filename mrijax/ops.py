@@ -297,12 +297,10 @@ def kernel_grad_tile(grid) -> int:
 
 
 def kernel_grad_widening(grid, n_inner: int) -> int:
-    """Zero columns the "onednn" form appends along W before a kernel gradient, so that F(3,4) applies: 2 where W =
-    2 mod 4 and `kernel_grad_tile` picks F(3,4) for the widened grid (the 34^3 layer: F(3,4) on a 36-wide grid does
-    0.79x F(3,2)'s products and copies on the 34-wide one), else 0. Only for the Winograd layers (`n_inner` 2, 3x3x3
-    kernels)."""
-    d, h, w = grid
-    return 2 if n_inner == 2 and w % 4 == 2 and kernel_grad_tile((d, h, w + 2)) == 4 else 0
+    """Zero columns the "onednn" form appends along W before a kernel gradient, so that F(3,4) applies
+    (`kernel_grad_tile`): 2 where W = 2 mod 4 (the 34^3 layer: F(3,4) on a 36-wide grid does 0.79x F(3,2)'s products
+    and copies on the 34-wide one), else 0. Only for the Winograd layers (`n_inner` 2, 3x3x3 kernels)."""
+    return 2 if n_inner == 2 and grid[2] % 4 == 2 else 0
 
 
 def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=jnp.float32, tile=None,
