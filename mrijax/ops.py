@@ -315,8 +315,7 @@ def _winograd_kernel_grad(raw, dy_raw, grid, kernel_shape, dtype, result_dtype=j
     (3 Cout): m + 2 products (3 Cin, L/m) @ (L/m, 3 Cout) instead of one (9 Cin, L) @ (L, 3 Cout), as one batched
     product, which a CPU's threads share better than separate products with only 96 x 96 results (RESULTS.md).
     Tiles that straddle a row meet zeros of the placed gradient. The transforms run in f32 and are rounded once.
-    dy_offset: as `_cm_kernel_grad`'s; where the gradient's tiles then start on whole tiles of the payload, they are
-    read from it in place (a slice starting inside a tile is copied first)."""
+    dy_offset: as `_cm_kernel_grad`'s; both payloads' tiles are read by `_tile_values`."""
     tile = tile or kernel_grad_tile(grid)
     cin, cout = kernel_shape[3], kernel_shape[4]
     _, h, w = grid
