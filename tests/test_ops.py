@@ -252,11 +252,11 @@ def test_winograd_kernel_gradient_tiles_equal_the_reference(shape, dtype, rtol):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("tile,start", [(4, 0), (4, 8), (4, 6), (2, 0), (2, 3)])
-def test_tile_values_are_the_payloads_values(dtype, tile, start):
-    """`_tile_values` (bf16 tiles of 4 read as u32 pairs) gives each tile's values exactly, from a whole tile of the
-    payload or from inside one."""
-    x = jax.random.normal(jax.random.PRNGKey(9), (3, 64)).astype(dtype)
+@pytest.mark.parametrize("tile,start,width", [(4, 0, 64), (4, 8, 64), (4, 6, 64), (4, 0, 62), (2, 0, 64), (2, 3, 64)])
+def test_tile_values_are_the_payloads_values(dtype, tile, start, width):
+    """`_tile_values` (bf16 tiles of 4 read as u32 pairs) gives each tile's values exactly: from a whole tile of the
+    payload, from inside one, and from a payload whose width is not a whole number of tiles."""
+    x = jax.random.normal(jax.random.PRNGKey(9), (3, width)).astype(dtype)
     count = 10
     got = jax.jit(ops._tile_values, static_argnums=(1, 2, 3, 4))(ops._bits(x), dtype, tile, start, count)
     want = np.asarray(x, np.float32)[:, start:start + tile * count].reshape(3, count, tile)
