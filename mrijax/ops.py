@@ -292,7 +292,7 @@ def kernel_grad_tile(grid) -> int:
     """Winograd's tile along W for a kernel gradient (`_winograd_kernel_grad`): F(3,4) where W splits into 4s (3/4
     of F(3,2)'s multiplications and copies), else F(3,2). In bf16 F(4,3)'s transforms, with coefficients up to 8,
     give the kernel gradient about three times F(3,2)'s error. Neither a drift check against f32 training nor the ship
-    recipe's held-out SNR (two held-out sources, three seeds) showed it (RESULTS.md)."""
+    recipe's held-out SNR (two held-out sources, two or three seeds each) showed an effect (RESULTS.md)."""
     return 4 if grid[2] % 4 == 0 else 2
 
 
