@@ -3,7 +3,9 @@
 All mutable training state (params, BatchNorm statistics, optimizer state, step, RNG) lives in one
 `TrainState` pytree, so a step is a pure function state -> state and a checkpoint is that pytree.
 Under pmap, gradients are averaged with `pmean` and BatchNorm batch statistics are synchronised across
-devices (the model's `bn_axis_name`), so N devices compute what one device computes on the global batch.
+devices (the model's `bn_axis_name`), so N devices compute what one device computes on the global batch. Worker
+processes (`mrijax.collectives.HostGroup`) average gradients and BatchNorm's running statistics on the host,
+between `gradients` and `apply_gradients`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from mrijax import models, ops
+from mrijax import collectives, models, ops
 
 AXIS = "devices"
 
@@ -89,11 +91,12 @@ def mse_loss(prediction, batch: dict, loss: str = "all"):
     return sq / jnp.maximum(count, 1.0)
 
 
-def train_step(state: TrainState, batch: dict, axis_name: str | None = None):
-    """One Adam step on MSE over the output block; returns (new state, {"loss"})."""
+def gradients(state: TrainState, batch: dict, replica=None):
+    """(loss, gradients, updated BatchNorm statistics) of the MSE over a batch's output blocks; `replica` (this
+    replica's index) gives each replica its own dropout."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is not None:
-        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+    if replica is not None:
+        dropout_rng = jax.random.fold_in(dropout_rng, replica)
 
     def loss_fn(params):
         pred, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats, **state.constants},
@@ -102,13 +105,22 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None):
         return mse_loss(pred, batch, state.loss), updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
-        loss = jax.lax.pmean(loss, axis_name)
+    return loss, grads, batch_stats
+
+
+def apply_gradients(state: TrainState, grads, batch_stats) -> TrainState:
+    """The Adam step: the state after applying these gradients, with these BatchNorm statistics."""
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss}
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+
+
+def train_step(state: TrainState, batch: dict, axis_name: str | None = None):
+    """One Adam step on MSE over the output block; returns (new state, {"loss"})."""
+    loss, grads, batch_stats = gradients(state, batch, None if axis_name is None else jax.lax.axis_index(axis_name))
+    if axis_name is not None:
+        grads, loss = jax.lax.pmean((grads, loss), axis_name)
+    return apply_gradients(state, grads, batch_stats), {"loss": loss}
 
 
 def eval_step(state: TrainState, batch: dict, axis_name: str | None = None):
@@ -124,12 +136,27 @@ def eval_step(state: TrainState, batch: dict, axis_name: str | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def parallel_steps(donate: bool = True):
-    """pmapped train and eval steps over all (global) devices along AXIS."""
-    p_train = jax.pmap(functools.partial(train_step, axis_name=AXIS), axis_name=AXIS,
-                       donate_argnums=(0,) if donate else ())
-    p_eval = jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS)
-    return p_train, p_eval
+def parallel_steps(donate: bool = True, group: collectives.HostGroup | None = None):
+    """pmapped train and eval steps over all (global) devices along AXIS. With a worker `group`
+    (`mrijax.collectives`): steps over this process's one device whose gradients, loss and BatchNorm running
+    statistics (each worker normalises its own share of the batch) are averaged over the group's processes on the
+    host, between the gradient and the update; eval sums likewise. Worker steps are synchronous."""
+    if group is None:
+        p_train = jax.pmap(functools.partial(train_step, axis_name=AXIS), axis_name=AXIS,
+                           donate_argnums=(0,) if donate else ())
+        return p_train, jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS)
+    p_gradients = jax.pmap(functools.partial(gradients, replica=group.index), axis_name=AXIS)
+    p_apply = jax.pmap(apply_gradients, axis_name=AXIS, donate_argnums=(0,) if donate else ())
+    p_eval = jax.pmap(eval_step, axis_name=AXIS)
+
+    def worker_train(rstate, batch):
+        loss, grads, batch_stats = group.mean(jax.device_get(p_gradients(rstate, batch)))
+        return p_apply(rstate, grads, batch_stats), {"loss": loss}
+
+    def worker_eval(rstate, batch):
+        return {k: v * group.count for k, v in group.mean(jax.device_get(p_eval(rstate, batch))).items()}
+
+    return worker_train, worker_eval
 
 
 def replicate(state: TrainState) -> TrainState:
