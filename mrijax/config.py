@@ -50,6 +50,9 @@ class TrainConfig:
                                 "on bf16 CPUs)", flag="--dtype", choices=("float32", "bfloat16"))
     impl: str | None = _field(None, "convolution implementation (see mrijax.ops; same numbers)",
                               choices=IMPLS)
+    workers: int = _field(1, "training processes on this machine, one per core, each with its share of the batch "
+                          "and its own BatchNorm statistics, gradients averaged on the host: on CPUs, one "
+                          "single-threaded process per core steps faster than one process on all cores (RESULTS.md)")
     weight_decay: float = _field(0.0, "L2 penalty on kernels (regularisation study)")
     dropout: float = _field(0.0, "dropout rate before hidden convolutions (regularisation study)")
     jitter: int = _field(0, "augmentation: shift block centres by up to this many voxels per axis, anew each epoch")

@@ -7,7 +7,9 @@ to `<workdir>/best`. Resume continues at the exact step: the data order is a pur
 (seed, epoch), so skipping the batches already seen reproduces the uninterrupted run.
 
 Several processes (machines): call `jax.distributed.initialize` first; each process feeds its shard of
-every epoch to its local devices and pmap spans all devices. Only process 0 writes logs and exports.
+every epoch to its local devices and pmap spans all devices. Only process 0 writes logs and exports. Worker
+processes on one machine (`--workers`, `mrijax.collectives`): each runs a Trainer with its `group`, feeds its
+shard, and worker 0 alone writes.
 """
 from __future__ import annotations
 
@@ -107,9 +109,10 @@ def stop_requests():
             signal.signal(s, previous)
 
 
-# Fields a resumed run may change: how long it runs and how its convolutions compute (the state is f32 either
-# way; impl gives the same numbers, compute_dtype rounds the convolution inputs differently from then on).
-RESUMABLE_CHANGES = ("epochs", "impl", "compute_dtype")
+# Fields a resumed run may change: how long it runs and how it computes (the state is f32 either way; impl gives
+# the same numbers, compute_dtype rounds the convolution inputs differently from then on, workers normalises smaller
+# batches from then on).
+RESUMABLE_CHANGES = ("epochs", "impl", "compute_dtype", "workers")
 # What else names a run, as a refusal words it ("train"/"val": the studies' data fingerprints; others by key).
 IDENTITY_LABELS = {"data": "another data folder", "train_subjects": "other training subjects",
                    "val_subjects": "other validation subjects", "train": "other training data",
@@ -179,16 +182,22 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, train_subjects, val_subjects, workdir, *,
                  baseline_mse: float | None = None, baseline_label: str = "baseline", progress: bool = True,
-                 log=print):
-        self.config = config
+                 log=print, group=None):
+        if config.workers != (group.count if group else 1):
+            raise ValueError(f"--workers {config.workers}: worker processes are started by `mrijax train` "
+                             "(experiments/train.py); other commands train in one process")
+        self.config, self.group = config, group
+        # Which share of the data this process feeds: its worker index, else its jax.distributed process index.
+        self.process_index = group.index if group else jax.process_index()
+        self.process_count = group.count if group else jax.process_count()
         self.train_subjects, self.val_subjects = train_subjects, val_subjects
         self.workdir = Path(workdir)
         self.baseline_mse, self.baseline_label = baseline_mse, baseline_label
-        self.progress = progress and jax.process_index() == 0
-        self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+        self.progress = progress and self.process_index == 0
+        self.log = log if self.process_index == 0 else (lambda *a, **k: None)
         self.variant = models.configure(config.variant, anchor=config.anchor == "lut", dropout=config.dropout,
                                         in_channels=len(data.source_names(config.source)))
-        n_proc, n_local = jax.process_count(), jax.local_device_count()
+        n_proc, n_local = self.process_count, jax.local_device_count()
         if config.batch_size % (n_proc * n_local):
             raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the "
                              f"{n_proc * n_local} devices ({n_proc} processes x {n_local} local)")
@@ -254,13 +263,13 @@ class Trainer:
         return data.patch_dataset(
             subjects, records,
             self.in_shape, self.out_shape, batch_size=batch_size, seed=self.config.seed, epoch=epoch,
-            shuffle=shuffle, shard_index=jax.process_index(), shard_count=jax.process_count(),
+            shuffle=shuffle, shard_index=self.process_index, shard_count=self.process_count,
             drop_remainder=drop_remainder, augment=augment)
 
     def evaluate(self, rstate) -> float:
         """Validation MSE over every validation block (uneven last batches are zero-weighted padding)."""
-        _, p_eval = training.parallel_steps()
-        n_batches = data.num_batches(len(self.val_records), self.local_batch, jax.process_count(),
+        _, p_eval = training.parallel_steps(group=self.group)
+        n_batches = data.num_batches(len(self.val_records), self.local_batch, self.process_count,
                                      drop_remainder=False)
         if self.config.max_val_batches:
             n_batches = min(n_batches, self.config.max_val_batches)
@@ -286,7 +295,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train up to `config.epochs` (continuing the run stored in the workdir when `resume`); returns the
         metrics history, the final variables and the best validation MSE. Ctrl-C / SIGTERM save and re-raise."""
-        p_train, _ = training.parallel_steps()
+        p_train, _ = training.parallel_steps(group=self.group)
         self.workdir.mkdir(parents=True, exist_ok=True)
         manager = checkpoint.make_manager(self.workdir)
         state, history = self._restore_or_start(manager, resume)
@@ -301,16 +310,26 @@ class Trainer:
                     t0, losses = time.perf_counter(), []
                     for rstate, loss in self._epoch_steps(p_train, rstate, epoch, skip if epoch == first_epoch else 0):
                         losses.append(loss)
-                        if stop:
+                        if self._stopping(stop):
                             raise KeyboardInterrupt
                     history, best = self._end_epoch(manager, rstate, epoch, losses, time.perf_counter() - t0,
                                                     history, best)
-                    if stop:
+                    if self._stopping(stop):
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 self._save_interrupted(manager, rstate)
                 raise
         return {"history": history, "variables": _local_replica(rstate.variables), "best_val_mse": best}
+
+    def _stopping(self, stop: list) -> bool:
+        """Whether to stop here: a stop was requested (in any worker, so that all stop at the same step)."""
+        return self.group.any(bool(stop)) if self.group else bool(stop)
+
+    @property
+    def _saves(self) -> bool:
+        """Whether this process writes checkpoints and exports: all jax.distributed processes (orbax synchronises
+        them), worker 0 of a group."""
+        return self.group is None or self.group.index == 0
 
     def _restore_or_start(self, manager, resume: bool):
         """(state, history): the stored run's latest state and its epochs' metrics rows when resuming one that
@@ -339,7 +358,7 @@ class Trainer:
                  f"{len(self.train_subjects)} train / {len(self.val_subjects)} val subjects | "
                  f"{len(self.train_records)} train / {n_val_blocks} val blocks of "
                  f"{self.in_shape[0]}->{c.crop} | {self.steps_per_epoch} steps/epoch of {c.batch_size} | "
-                 f"{jax.device_count()} devices")
+                 + (f"{self.group.count} worker processes" if self.group else f"{jax.device_count()} devices"))
 
     def _patches_per_block(self) -> float:
         """One training block = this many of the paper's 16^3 patches (for comparable throughput figures)."""
@@ -381,12 +400,14 @@ class Trainer:
                "patches_per_s": len(losses) * c.batch_size * self._patches_per_block() / seconds}
         history = [*history, row]
         host_state = _local_replica(rstate)
-        checkpoint.save_state(manager, host_state, self._checkpoint_meta(epoch))
+        if self._saves:
+            checkpoint.save_state(manager, host_state, self._checkpoint_meta(epoch))
         # Without validation subjects every epoch's state is exported: the model is the last state.
-        if val_mse < best or not self.val_subjects:  # every process: orbax synchronises them while saving
+        if val_mse < best or not self.val_subjects:
             best = min(best, val_mse)
-            checkpoint.export_model(self.workdir / "best", host_state.variables, self.model_meta(row))
-        if jax.process_index() == 0:
+            if self._saves:
+                checkpoint.export_model(self.workdir / "best", host_state.variables, self.model_meta(row))
+        if self.process_index == 0:
             self._write_history(history)
             self._plot(history)
         self.log(f"epoch {epoch + 1}/{c.epochs}  train_mse {train_mse:.5f}  val_mse {val_mse:.5f}  "
@@ -397,7 +418,7 @@ class Trainer:
         """Save the state an interruption reached, unless the epoch's own save already holds that step."""
         host_state = _local_replica(rstate)
         step = int(host_state.step)
-        if manager.latest_step() != step:
+        if self._saves and manager.latest_step() != step:
             checkpoint.save_state(manager, host_state, self._checkpoint_meta(step // self.steps_per_epoch))
         self.log(f"interrupted: saved step {step} to {manager.directory}; continue with --resume")
 

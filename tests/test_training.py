@@ -156,7 +156,7 @@ def _interrupt_mid_epoch_then_resume(phantom_subjects, uninterrupted, tmp_path, 
         return p_train(state, batch)
 
     logs = []
-    monkeypatch.setattr(training, "parallel_steps", lambda: (interrupting, p_eval))
+    monkeypatch.setattr(training, "parallel_steps", lambda **_: (interrupting, p_eval))
     with pytest.raises(KeyboardInterrupt):
         _smoke_trainer(phantom_subjects, tmp_path, log=logs.append).fit()
     monkeypatch.undo()

@@ -26,6 +26,7 @@ CHECKS = {
     "max_steps_per_epoch": (lambda v: v >= 1, ">= 1"),
     "max_val_batches": (lambda v: v >= 1, ">= 1"),
     "jitter": (lambda v: v >= 0, ">= 0"),
+    "workers": (lambda v: v >= 1, ">= 1"),
     "lr": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),

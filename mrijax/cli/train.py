@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from mrijax import cli
@@ -33,10 +34,47 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from mrijax.config import PRESETS
 
     config = PRESETS[args.preset].replace(**flags.config_overrides(args))
+    if config.workers == 1:
+        return train(args, config)
+    if args.devices != 1 or args.coordinator:
+        raise ValueError(f"--workers {config.workers} runs one process per core on this machine; drop --devices and "
+                         "--coordinator")
+    from mrijax import collectives, data
+
+    if not args.data:
+        data.ensure_phantom_dataset()  # once, before the workers look for it
+    codes = collectives.spawn(config.workers, _worker, argv)
+    if any(code == 2 for code in codes):
+        return 2  # bad input: a worker printed the error
+    if all(code in (0, collectives.INTERRUPTED) for code in codes) and collectives.INTERRUPTED in codes:
+        raise KeyboardInterrupt
+    if any(codes):
+        raise RuntimeError(f"training workers failed (exit codes {codes})")
+    return 0
+
+
+def _worker(group, argv) -> None:
+    """One worker process of `--workers`: the same run, with its share of every batch (bad input: one error line,
+    from worker 0, and exit status 2)."""
+    args = parse_args(argv)
+    from mrijax.config import PRESETS
+
+    try:
+        train(args, PRESETS[args.preset].replace(**flags.config_overrides(args)), group)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        group.fail()
+        if group.index == 0:
+            print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(args, config, group=None) -> None:
+    """The run the flags describe, in this process (one worker of `group`, if given)."""
     cli.init_distributed(args)
     from mrijax import checkpoint, data, trainer
 
@@ -46,7 +84,7 @@ def main(argv=None):
     workdir = Path(args.workdir or cli.output_root() / "ckpt" / "runs" / f"{config.variant}-{args.preset}")
     if workdir.resolve().parent == checkpoint.REPO_CKPT_DIR.resolve() and (workdir / "model.json").exists():
         raise ValueError(f"--workdir {workdir} is a shipped model; choose another folder")
-    run = trainer.Trainer(config, train_subjects, val_subjects, workdir, progress=not args.no_progress)
+    run = trainer.Trainer(config, train_subjects, val_subjects, workdir, progress=not args.no_progress, group=group)
     if args.baseline:
         from mrijax import methods
 
@@ -54,7 +92,9 @@ def main(argv=None):
         predictions = {s.id: method.predict(s.inputs, s.mask) for s in val_subjects}
         run.baseline_mse = trainer.block_mse(predictions, val_subjects, run.val_records, run.out_shape, config.loss)
         run.baseline_label = method.name
-        print(f"{method.name} validation MSE over the same blocks: {run.baseline_mse:.5f}")
+        if run.process_index == 0:
+            print(f"{method.name} validation MSE over the same blocks: {run.baseline_mse:.5f}")
     result = run.fit(resume=args.resume)
     last = result["history"][-1] if result["history"] else {}
-    print(json.dumps({"workdir": str(workdir), "best_val_mse": result["best_val_mse"], **last}))
+    if run.process_index == 0:
+        print(json.dumps({"workdir": str(workdir), "best_val_mse": result["best_val_mse"], **last}))
