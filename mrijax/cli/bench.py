@@ -1,13 +1,15 @@
 """Speed of mrijax on this machine, one JSON object per measurement, optionally beside PyTorch eager.
 
     mrijax bench --mode train --variant base --batch 8 [--dtype bfloat16] --compare
+    mrijax bench --mode train --variant base --batch 8 --workers 2 --compare   # as `mrijax train --workers 2` trains
     mrijax bench --mode train --variant base --batch 1 --output 48   # one dense 48^3 crop
     mrijax bench --mode infer --variant base --shape 96 96 96 --compare --rounds 3
     mrijax bench --mode synthesize --shape 96 112 96
     mrijax bench --mode train --batch 8 --compare --rounds 3 --no-hugepages   # both sides: the allocator as started
 
 Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch
-geometry (16^3 output), the same work as `torch_cae.py`. Infer: one eval-mode forward on an input of the given
+geometry (16^3 output), the same work as `torch_cae.py`; with `--workers N`, the trainer's worker processes, each
+stepping on its share of the batch, timed in worker 0 (the exchange makes every step wait for all). Infer: one eval-mode forward on an input of the given
 shape (VALID output). `--compare` runs the reference `torch_cae.py` ($MRIJAX_TORCH_CAE, default
 ../shared/bench/torch_cae.py; needs PyTorch, which mrijax does not) with the same flags in a subprocess of the
 same python right after. `--rounds N` alternates the two N times, since a noisy machine moves single numbers
@@ -39,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="mrijax bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="train", choices=["train", "infer", "synthesize"])
-    flags.add_config_flags(p, ("variant", "compute_dtype", "impl"), title=None)
+    flags.add_config_flags(p, ("variant", "compute_dtype", "impl", "workers"), title=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--output", type=int, default=16, help="train: output edge (16: the paper's patches; "
                                                           "48/64: one dense crop, counted in 16^3 patches)")
@@ -66,6 +68,9 @@ def parse_args(argv=None):
         p.error("--compare is for train (16^3 patches) and infer")
     if args.devices != 1 and (args.mode != "train" or args.devices < 1 or args.batch % args.devices):
         p.error(f"--devices {args.devices}: only for --mode train, with --batch a multiple of it")
+    workers = flags.config_value(args, "workers")
+    if workers != 1 and (args.mode != "train" or workers < 1 or args.batch % workers or args.devices != 1):
+        p.error(f"--workers {workers}: only for --mode train, with --batch a multiple of it and one device")
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
@@ -98,6 +103,32 @@ def _settings(args) -> dict:
 
 
 def bench_train(args) -> dict:
+    """The train step's speed: in this process, or with --workers in that many worker processes (the trainer's
+    `--workers`), timed in worker 0."""
+    workers = flags.config_value(args, "workers")
+    if workers == 1:
+        return _train_steps(args)
+    import tempfile
+
+    from mrijax import collectives
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "worker0.json")
+        codes = collectives.spawn(workers, _train_worker, args, path)
+        if any(codes):
+            raise RuntimeError(f"benchmark workers failed (exit codes {codes})")
+        with open(path) as f:
+            return json.load(f)
+
+
+def _train_worker(group, args, path) -> None:
+    record = _train_steps(args, group)
+    if group.index == 0:
+        with open(path, "w") as f:
+            json.dump(record, f)
+
+
+def _train_steps(args, group=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -109,11 +140,16 @@ def bench_train(args) -> dict:
     rng = np.random.default_rng(0)
     batch = {"source": jnp.asarray(rng.random((args.batch, *edge, 1), np.float32)),
              "target": jnp.asarray(rng.random((args.batch, *(args.output,) * 3, 1), np.float32))}
-    pmapped = args.devices > 1  # the trainer's step: the batch split over the devices, gradients and BN synced
+    if group:  # this worker's share of the batch
+        share = args.batch // group.count
+        batch = {k: v[group.index * share:(group.index + 1) * share] for k, v in batch.items()}
+    # The trainer's step: the batch split over the devices, gradients and BN synced; a worker's as the trainer runs it
+    pmapped = args.devices > 1 or group is not None
     state = training.create_train_state(s["variant"], impl=s["impl"], compute_dtype=s["jnp_dtype"],
                                         bn_axis_name=training.AXIS if pmapped else None)
     if pmapped:
-        state, step, batch = training.replicate(state), training.parallel_steps()[0], training.shard_batch(batch)
+        step = training.parallel_steps(group=group)[0]
+        state, batch = training.replicate(state), training.shard_batch(batch)
     else:
         step = jax.jit(training.train_step, donate_argnums=0)
     times, faults = [], []
@@ -126,7 +162,8 @@ def bench_train(args) -> dict:
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     median = float(np.median(times))
     return {"mode": "train", "input_shape": list(edge), "output": args.output, "batch": args.batch,
-            "devices": jax.local_device_count(), "warmup": args.warmup, "steps": args.steps,
+            "devices": jax.local_device_count(), "workers": group.count if group else 1, "warmup": args.warmup,
+            "steps": args.steps,
             "median_step_seconds": median, "page_faults_per_step": int(np.median(faults)),
             "step_seconds": [round(t, 3) for t in times], "step_page_faults": faults,
             "train_patches_per_s": args.batch * (args.output / 16) ** 3 / median}
