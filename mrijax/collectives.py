@@ -8,8 +8,8 @@ some steps by a fifth (RESULTS.md). One process per core, each with a one-thread
 worker's `training.gradients` and `training.apply_gradients`, `HostGroup.mean` writes its values into its slot of a
 shared buffer, waits until every worker has written its slot, and returns the mean of the slots summed in worker
 order, so every worker gets the same bits and the replicas stay identical. (Done in the training loop, not as a
-host callback inside the compiled step: with one pool thread, a callback that waited for the other workers could
-deadlock against the next step's dispatch.) BatchNorm normalises each worker's own share of the batch, as in
+host callback inside the compiled step: such a callback, waiting for the other workers, once deadlocked against the
+next step's dispatch.) BatchNorm normalises each worker's own share of the batch, as in
 PyTorch's DistributedDataParallel without SyncBatchNorm; its running statistics are averaged.
 """
 from __future__ import annotations
