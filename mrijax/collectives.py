@@ -19,6 +19,7 @@ import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import os
+import platform
 import signal
 import sys
 import time
@@ -118,6 +119,9 @@ def spawn(count: int, target: Callable, *args) -> list[int]:
     pinned to the i-th core this process may use (when there are that many) and its XLA pool has one thread. When one
     fails, the others stop at their next exchange (or are terminated); when the parent dies, they get SIGTERM. target
     must be a module's top-level function, args picklable."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise ValueError(f"--workers needs an x86-64 CPU, this is {platform.machine()}: the exchange relies on its "
+                         "store order; train with --workers 1")
     context = multiprocessing.get_context("spawn")
     buffer = context.RawArray("d", 2 * count * (_HEADER + CAPACITY))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

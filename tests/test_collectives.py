@@ -143,3 +143,9 @@ def test_two_workers_train_resume_and_export_as_one_run(phantom_dataset, tmp_pat
     assert meta_a["val_mse"] == meta_b["val_mse"] and meta_a["config"]["workers"] == 2
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def test_workers_refuse_a_cpu_whose_store_order_the_exchange_cannot_rely_on(monkeypatch):
+    monkeypatch.setattr(collectives.platform, "machine", lambda: "aarch64")
+    with pytest.raises(ValueError, match="x86-64 CPU, this is aarch64"):
+        collectives.spawn(2, _exchange, "unused")

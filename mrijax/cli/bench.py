@@ -7,15 +7,15 @@
     mrijax bench --mode synthesize --shape 96 112 96
     mrijax bench --mode train --batch 8 --compare --rounds 3 --no-hugepages   # both sides: the allocator as started
 
-Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch
-geometry (16^3 output), the same work as `torch_cae.py`; with `--workers N`, the trainer's worker processes, each
-stepping on its share of the batch, timed in worker 0 (the exchange makes every step wait for all). Infer: one eval-mode forward on an input of the given
-shape (VALID output). `--compare` runs the reference `torch_cae.py` ($MRIJAX_TORCH_CAE, default
-../shared/bench/torch_cae.py; needs PyTorch, which mrijax does not) with the same flags in a subprocess of the
-same python right after. `--rounds N` alternates the two N times, since a noisy machine moves single numbers
-by tens of percent, and ends with one summary: per-round values, median ratios, the CPU model and its bf16/AMX
-flags, the allocator and the load average. Both sides run with the allocator the training and synthesis commands
-restart with (`mrijax.cli.tune_malloc`), unless `--no-hugepages` or MRIJAX_HUGEPAGES=0.
+Train: median step time after warm-up of `mrijax.training.train_step` (Adam, MSE) on the paper's patch geometry
+(16^3 output), the same work as `torch_cae.py`; with `--workers N`, the trainer's worker processes, each stepping on
+its share of the batch, timed in worker 0 (the exchange makes every step wait for all). Infer: one eval-mode forward
+on an input of the given shape (VALID output). `--compare` runs the reference `torch_cae.py` ($MRIJAX_TORCH_CAE,
+default ../shared/bench/torch_cae.py; needs PyTorch, which mrijax does not) with the same flags in a subprocess of
+the same python right after. `--rounds N` alternates the two N times, since a noisy machine moves single numbers by
+tens of percent, and ends with one summary: per-round values, median ratios, the CPU model and its bf16/AMX flags,
+the allocator and the load average. Both sides run with the allocator the training and synthesis commands restart
+with (`mrijax.cli.tune_malloc`), unless `--no-hugepages` or MRIJAX_HUGEPAGES=0.
 """
 from __future__ import annotations
 
