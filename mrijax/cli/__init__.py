@@ -104,14 +104,18 @@ def one_line(error: BaseException, paths=()) -> str:
     return message
 
 
+# What bad input raises (a wrong flag or value, a missing or unreadable file): one 'error:' line, exit status 2.
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def run(main) -> None:
-    """Call main(); bad input (ValueError, missing files) becomes one 'error:' line and exit status 2."""
+    """Call main(); bad input (`BAD_INPUT`) becomes one 'error:' line and exit status 2."""
     try:
         code = main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except BAD_INPUT as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

@@ -34,7 +34,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from mrijax.config import PRESETS
 
@@ -48,9 +47,9 @@ def main(argv=None):
 
     if not args.data:
         data.ensure_phantom_dataset()  # once, before the workers look for it
-    codes = collectives.spawn(config.workers, _worker, argv)
+    codes = collectives.spawn(config.workers, _worker, args, config)
     if any(code == 2 for code in codes):
-        return 2  # bad input: a worker printed the error
+        return 2  # bad input: worker 0 printed the error
     if all(code in (0, collectives.INTERRUPTED) for code in codes) and collectives.INTERRUPTED in codes:
         raise KeyboardInterrupt
     if any(codes):
@@ -58,16 +57,12 @@ def main(argv=None):
     return 0
 
 
-def _worker(group, argv) -> None:
+def _worker(group, args, config) -> None:
     """One worker process of `--workers`: the same run, with its share of every batch (bad input: one error line,
     from worker 0, and exit status 2)."""
-    args = parse_args(argv)
-    from mrijax.config import PRESETS
-
     try:
-        train(args, PRESETS[args.preset].replace(**flags.config_overrides(args)), group)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        group.fail()
+        train(args, config, group)
+    except cli.BAD_INPUT as e:
         if group.index == 0:
             print(f"error: {cli.one_line(e)}", file=sys.stderr)
         sys.exit(2)
