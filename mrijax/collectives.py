@@ -129,16 +129,8 @@ def spawn(count: int, target: Callable, *args) -> list[int]:
     processes = [context.Process(target=_worker, name=f"{name}-{i}",
                                  args=(name, i, count, buffer, cores[i] if len(cores) >= count else None, target,
                                        args)) for i in range(count)]
-    kept = os.environ.get("NPROC")
-    os.environ["NPROC"] = "1"  # jaxlib's intra-op pool size, read when a child's backend starts
-    try:
-        for p in processes:
-            p.start()
-    finally:
-        if kept is None:
-            del os.environ["NPROC"]
-        else:
-            os.environ["NPROC"] = kept
+    for p in processes:
+        p.start()
     try:
         running = {p.sentinel: p for p in processes}
         while running:
@@ -155,6 +147,7 @@ def spawn(count: int, target: Callable, *args) -> list[int]:
 
 
 def _worker(name, index, count, buffer, core, target, args):
+    os.environ["NPROC"] = "1"  # jaxlib's intra-op pool size, read when this process's backend starts (after this)
     if core is not None:
         os.sched_setaffinity(0, {core})
     if sys.platform == "linux":  # SIGTERM when the parent dies, which a training run answers by saving and stopping
