@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _exchange(group, folder):
-    """Three exchanges of index-dependent values on the steps' channel, one `any` on the loop's."""
+    """Three means of index-dependent values, then two `any`s (one flag set in worker 1, then none)."""
     rng = np.random.default_rng(group.index)
     values = [rng.normal(size=(7, 5)).astype(np.float32), np.arange(3.0) * (group.index + 1), np.array([1e-3])]
     means = [group.host_mean(v) for v in values]
