@@ -34,6 +34,8 @@ CAPACITY = 1 << 19
 _HEADER = 2  # per slot: the exchange's sequence number (FAILED: the worker failed), its length
 FAILED = -1.0
 INTERRUPTED = 130  # a worker's exit status after Ctrl-C or SIGTERM (the others stop at the same step)
+STOP_GRACE_SECONDS = 30.0  # after a worker fails, how long the others may take to stop on their own (and exit with
+# their own status) before they are terminated: a step or an evaluation between two exchanges, and interpreter exit
 PR_SET_PDEATHSIG = 1
 
 
@@ -114,11 +116,11 @@ class HostGroup:
         self._slots()[:, self.index, 0] = FAILED
 
 
-def spawn(count: int, target: Callable, *args) -> list[int]:
+def spawn(count: int, target: Callable, *args, grace: float = STOP_GRACE_SECONDS) -> list[int]:
     """Run target(group, *args) in `count` new processes and wait for them; returns their exit codes. Process i is
     pinned to the i-th core this process may use (when there are that many) and its XLA pool has one thread. When one
-    fails, the others stop at their next exchange (or are terminated); when the parent dies, they get SIGTERM. target
-    must be a module's top-level function, args picklable."""
+    fails, the others stop at their next exchange, or are terminated `grace` seconds later; when the parent dies,
+    they get SIGTERM. target must be a module's top-level function, args picklable."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise ValueError(f"--workers needs an x86-64 CPU, this is {platform.machine()}: the exchange relies on its "
                          "store order; train with --workers 1")
@@ -132,14 +134,19 @@ def spawn(count: int, target: Callable, *args) -> list[int]:
     for p in processes:
         p.start()
     try:
-        running = {p.sentinel: p for p in processes}
+        running, deadline, terminated = {p.sentinel: p for p in processes}, None, False
         while running:
-            for sentinel in multiprocessing.connection.wait(list(running)):
+            timeout = None if deadline is None or terminated else max(0.0, deadline - time.monotonic())
+            ready = multiprocessing.connection.wait(list(running), timeout)
+            if not ready:  # the grace is over: the rest cannot finish without the failed one
+                for p in running.values():
+                    p.terminate()
+                terminated = True
+            for sentinel in ready:
                 finished = running.pop(sentinel)
                 finished.join()  # its exit status is known once it is reaped
-                if finished.exitcode not in (0, INTERRUPTED):  # the rest cannot finish without it
-                    for p in running.values():
-                        p.terminate()
+                if finished.exitcode not in (0, INTERRUPTED) and deadline is None:
+                    deadline = time.monotonic() + grace
     finally:
         for p in processes:
             p.join()

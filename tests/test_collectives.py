@@ -1,6 +1,7 @@
 """Worker processes (`--workers`): host collectives, failure handling, and a worker step against a reference."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -53,9 +54,21 @@ def test_a_failing_worker_stops_the_others_instead_of_leaving_them_waiting(tmp_p
     start = time.monotonic()
     codes = collectives.spawn(2, _fail_or_wait, str(tmp_path))
     assert time.monotonic() - start < 120
-    assert codes[1] == 1 and codes[0] != 0
-    seen = tmp_path / "seen.txt"
-    assert not seen.exists() or "another worker failed" in seen.read_text()  # or terminated while waiting
+    assert codes == [1, 1]  # each exits with its own status: neither is terminated while it is still stopping
+    assert "another worker failed" in (tmp_path / "seen.txt").read_text()
+
+
+def _fail_or_hang(group):
+    if group.index == 1:
+        raise ValueError("worker 1 fails")
+    time.sleep(600)  # never reaches an exchange, so it cannot see the failure
+
+
+def test_a_worker_that_does_not_stop_after_another_failed_is_terminated_after_the_grace():
+    start = time.monotonic()
+    codes = collectives.spawn(2, _fail_or_hang, grace=1.0)
+    assert time.monotonic() - start < 120
+    assert codes == [-signal.SIGTERM, 1]
 
 
 def _batch(n=4, seed=0):
