@@ -121,6 +121,30 @@ def run(main) -> None:
     sys.exit(code or 0)
 
 
+def run_workers(count: int, target, *args) -> int:
+    """Run target(*args, group=group) in `count` worker processes (`--workers`, `mrijax.collectives`) and wait.
+    Bad input in a worker gives one 'error:' line (worker 0's) and exit status 2; Ctrl-C, KeyboardInterrupt here."""
+    from mrijax import collectives
+
+    codes = collectives.spawn(count, _worker, target, *args)
+    if any(code == 2 for code in codes):
+        return 2
+    if all(code in (0, collectives.INTERRUPTED) for code in codes) and collectives.INTERRUPTED in codes:
+        raise KeyboardInterrupt
+    if any(codes):
+        raise RuntimeError(f"training workers failed (exit codes {codes})")
+    return 0
+
+
+def _worker(group, target, *args) -> None:
+    try:
+        target(*args, group=group)
+    except BAD_INPUT as e:
+        if group.index == 0:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def output_root() -> Path:
     """Where default outputs go: the repository when running from a checkout (ckpt/runs, results/), else the
     current folder (an installed package must not write into site-packages)."""

@@ -110,18 +110,15 @@ def bench_train(args) -> dict:
         return _train_steps(args)
     import tempfile
 
-    from mrijax import collectives
-
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "worker0.json")
-        codes = collectives.spawn(workers, _train_worker, args, path)
-        if any(codes):
-            raise RuntimeError(f"benchmark workers failed (exit codes {codes})")
+        if cli.run_workers(workers, _train_worker, args, path):
+            raise SystemExit(2)  # bad input: worker 0 printed the error
         with open(path) as f:
             return json.load(f)
 
 
-def _train_worker(group, args, path) -> None:
+def _train_worker(args, path, group) -> None:
     record = _train_steps(args, group)
     if group.index == 0:
         with open(path, "w") as f:

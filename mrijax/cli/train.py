@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mrijax import cli
@@ -43,29 +42,11 @@ def main(argv=None):
     if args.devices != 1 or args.coordinator:
         raise ValueError(f"--workers {config.workers} runs one process per core on this machine; drop --devices and "
                          "--coordinator")
-    from mrijax import collectives, data
+    from mrijax import data
 
     if not args.data:
         data.ensure_phantom_dataset()  # once, before the workers look for it
-    codes = collectives.spawn(config.workers, _worker, args, config)
-    if any(code == 2 for code in codes):
-        return 2  # bad input: worker 0 printed the error
-    if all(code in (0, collectives.INTERRUPTED) for code in codes) and collectives.INTERRUPTED in codes:
-        raise KeyboardInterrupt
-    if any(codes):
-        raise RuntimeError(f"training workers failed (exit codes {codes})")
-    return 0
-
-
-def _worker(group, args, config) -> None:
-    """One worker process of `--workers`: the same run, with its share of every batch (bad input: one error line,
-    from worker 0, and exit status 2)."""
-    try:
-        train(args, config, group)
-    except cli.BAD_INPUT as e:
-        if group.index == 0:
-            print(f"error: {cli.one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    return cli.run_workers(config.workers, train, args, config)
 
 
 def train(args, config, group=None) -> None:
