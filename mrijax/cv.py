@@ -88,30 +88,39 @@ def baseline_prediction(name: str, train, subject, cache_dir: Path | None) -> tu
     return prediction, seconds
 
 
-def train_fold(config: TrainConfig, train, fold_dir: Path, progress: bool = False, log=print) -> tuple[dict, float]:
+def train_fold(config: TrainConfig, train, fold_dir: Path, progress: bool = False, log=print,
+               group=None) -> tuple[dict, float]:
     """The fold's model (variables) and its training seconds: trained on `train` with no validation subjects
-    (the test source must not pick the model), so the last state is exported. Reused when already exported."""
+    (the test source must not pick the model), so the last state is exported. Reused when already exported.
+    With `group` (`--workers`), this process is one of the workers training it; worker 0 writes the files."""
     from mrijax import trainer
 
     model_dir = fold_dir / "model"
     wait_for_other_trainer(fold_dir, log=log)
-    if (model_dir / "model.json").is_file():
+    exported = (model_dir / "model.json").is_file()
+    if group:  # all workers decide alike (the lock is written after this, by worker 0, so no worker waits for it)
+        exported = group.any(exported)
+    if exported:
         variables, meta = checkpoint.load_model(model_dir)
         stored = {k: meta[k] for k in ("config", "train_subjects", "val_subjects") if k in meta}
         trainer.check_resume(stored, trainer.run_identity(config, train, []), model_dir, "--out")
         return variables, float(meta.get("train_seconds", math.nan))
+    writer = group is None or group.index == 0
     lock = fold_dir / TRAINING_LOCK
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    lock.write_text(str(os.getpid()))
+    if writer:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        lock.write_text(str(os.getpid()))
     try:
         t0 = time.perf_counter()
-        run = trainer.Trainer(config, train, [], fold_dir / "run", progress=progress, log=log)
+        run = trainer.Trainer(config, train, [], fold_dir / "run", progress=progress, log=log, group=group)
         result = run.fit(resume=True)  # a stopped fold continues; an empty folder starts
         seconds = time.perf_counter() - t0
-        meta = run.model_meta(result["history"][-1] if result["history"] else {"epoch": -1})
-        checkpoint.export_model(model_dir, result["variables"], {**meta, "train_seconds": seconds})
+        if writer:
+            meta = run.model_meta(result["history"][-1] if result["history"] else {"epoch": -1})
+            checkpoint.export_model(model_dir, result["variables"], {**meta, "train_seconds": seconds})
     finally:
-        lock.unlink(missing_ok=True)
+        if writer:
+            lock.unlink(missing_ok=True)
     return result["variables"], seconds
 
 
@@ -175,10 +184,10 @@ def run_cv(subjects, groups, config: TrainConfig, out, *, warm_start=None, progr
     return score_folds(subjects, groups, fold_model, config.to_dict(), out, log=log, **scoring)
 
 
-def _fold_trainer(config: TrainConfig, out: Path, warm_start, progress: bool, log):
+def _fold_trainer(config: TrainConfig, out: Path, warm_start, progress: bool, log, group=None):
     def fold_model(name, train):
         fold_config = config.replace(init_from=str(Path(warm_start) / name / "model")) if warm_start else config
-        return train_fold(fold_config, train, out / name, progress=progress, log=log)
+        return train_fold(fold_config, train, out / name, progress=progress, log=log, group=group)
     return fold_model
 
 
@@ -195,10 +204,13 @@ def select_folds(groups, wanted) -> list[str]:
 
 
 def train_folds(subjects, groups, config: TrainConfig, out, names, *, warm_start=None, progress: bool = False,
-                log=print) -> None:
-    """Train (and export) only the named folds' models, no scoring: part of a CV for a second process."""
+                log=print, group=None) -> None:
+    """Train (and export) only the named folds' models, no scoring: part of a CV for a second process, or as one
+    worker of `group` (`--workers`)."""
     check_no_leak(config, groups)
-    fold_model = _fold_trainer(config, Path(out), warm_start, progress, log)
+    if group and group.index:
+        log = lambda *a, **k: None  # noqa: E731 - worker 0 speaks for the group
+    fold_model = _fold_trainer(config, Path(out), warm_start, progress, log, group)
     for name, _, train in _folds(subjects, groups, log, only=names):
         fold_model(name, train)
 

@@ -185,7 +185,7 @@ class Trainer:
                  log=print, group=None):
         if config.workers != (group.count if group else 1):
             raise ValueError(f"--workers {config.workers}: worker processes are started by `mrijax train` "
-                             "(experiments/train.py); other commands train in one process")
+                             "and `mrijax cv`; other commands train in one process")
         self.config, self.group = config, group
         # Which share of the data this process feeds: its worker index, else its jax.distributed process index.
         self.process_index = group.index if group else jax.process_index()

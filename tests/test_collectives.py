@@ -124,16 +124,15 @@ def test_workers_are_a_train_command_flag(phantom_dataset, tmp_path):
     from mrijax.trainer import Trainer
 
     subjects = data.load_subjects(phantom_dataset)
-    with pytest.raises(ValueError, match="started by `mrijax train`"):
+    with pytest.raises(ValueError, match="started by `mrijax train` and `mrijax cv`"):
         Trainer(PRESETS["smoke"].replace(workers=2), subjects[:-1], subjects[-1:], tmp_path)
     with pytest.raises(ValueError, match="drop --devices"):
         train.main(["--preset", "smoke", "--workers", "2", "--devices", "2", "--workdir", str(tmp_path)])
 
 
-def _train_cli(root, workdir, *extra):
-    cmd = [sys.executable, str(REPO / "experiments" / "train.py"), "--variant", "shallow", "--preset", "smoke",
-           "--data", str(root), "--batch-size", "4", "--workers", "2", "--workdir", str(workdir), "--no-progress",
-           *extra]
+def _cli(script, root, *extra):
+    cmd = [sys.executable, str(REPO / "experiments" / script), "--variant", "shallow", "--preset", "smoke",
+           "--data", str(root), "--batch-size", "4", "--workers", "2", "--no-progress", *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MRIJAX_HUGEPAGES": "0"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -141,21 +140,36 @@ def _train_cli(root, workdir, *extra):
 
 
 @pytest.mark.slow
-def test_two_workers_train_resume_and_export_as_one_run(phantom_dataset, tmp_path):
-    from mrijax import checkpoint
+def test_two_workers_train_resume_export_and_train_cv_folds_as_one_run(phantom_dataset, tmp_path):
+    from mrijax import checkpoint, cv, data
+
+    def same_bits(a, b):
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
 
     root = phantom_dataset
-    full = _train_cli(root, tmp_path / "full", "--epochs", "2")
+    full = _cli("train.py", root, "--workdir", str(tmp_path / "full"), "--epochs", "2")
     assert "2 worker processes" in full and full.count("epoch 2/2") == 1  # worker 0 alone logs
-    _train_cli(root, tmp_path / "cut", "--epochs", "1")
-    _train_cli(root, tmp_path / "cut", "--epochs", "2", "--resume")
+    _cli("train.py", root, "--workdir", str(tmp_path / "cut"), "--epochs", "1")
+    one_epoch, _ = checkpoint.load_model(tmp_path / "cut")
+    _cli("train.py", root, "--workdir", str(tmp_path / "cut"), "--epochs", "2", "--resume")
     a, meta_a = checkpoint.load_model(tmp_path / "full")
     b, meta_b = checkpoint.load_model(tmp_path / "cut")
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(x, y)
+    same_bits(a, b)
     assert meta_a["val_mse"] == meta_b["val_mse"] and meta_a["config"]["workers"] == 2
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
+
+    # `mrijax cv --workers 2`: the fold holding out the validation subject trains the run above on the same subject
+    ids = [s["id"] for s in data.find_subjects(root, ["T1w", "T2w"])]
+    out = _cli("cv.py", root, "--epochs", "1", "--groups", *ids, "--train-folds", "2", "--out", str(tmp_path / "cv"))
+    assert out.count("fold 2-") == 1  # announced once, by worker 0
+    fold = tmp_path / "cv" / cv.fold_name(1, ids[1:])
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == [fold.name]
+    assert not (fold / cv.TRAINING_LOCK).exists()
+    model, meta = checkpoint.load_model(fold / "model")
+    assert meta["train_subjects"] == ids[:1] and meta["config"]["workers"] == 2
+    same_bits(model, one_epoch)
 
 
 def test_workers_refuse_a_cpu_whose_store_order_the_exchange_cannot_rely_on(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mrijax import cli
 from mrijax.cli import flags
 
 
@@ -65,23 +66,20 @@ def main(argv=None) -> int:
                              "their CVs'")
         first = cv.ensemble_recipe(args.ensemble)["members"][0]  # the members' contrasts, checked to agree
         config = config.replace(source=first["source"], target=first["target"])
-    root = args.data or data.ensure_phantom_dataset()
-    entries = data.find_subjects(root, data.source_names(config.source) + [config.target])
-    groups = cv.source_groups([e["id"] for e in entries], args.groups)
-    if len(groups) < 2:
-        raise ValueError(f"all subjects form one source ({', '.join(groups[0])}): cross-validation needs two or "
-                         "more; pass --groups")
+    entries, groups = _subjects_and_folds(args, config)
     if args.ensemble:  # folds and fold models checked before loading the volumes, so the error comes at once
         recipe = cv.ensemble_recipe(args.ensemble, groups)
     else:
         cv.check_no_leak(config, groups)
     chosen = cv.select_folds(groups, args.train_folds) if args.train_folds else None
-    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     out = Path(args.out)
-    if chosen:
-        cv.train_folds(subjects, groups, config, out, chosen, warm_start=args.warm_start,
-                       progress=not args.no_progress)
-        return 0
+    if config.workers > 1:  # the worker processes train (and export) the fold models; scoring below loads them
+        code = cli.run_workers(config.workers, train_folds, args, config)
+        if code or chosen:
+            return code
+    elif chosen:
+        return train_folds(args, config)
+    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     scoring = dict(baselines=args.baselines, flip=args.tta, compute_dtype=config.compute_dtype,
                    baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines")
     if args.ensemble:
@@ -92,4 +90,30 @@ def main(argv=None) -> int:
     print((out / "cv.md").read_text())
     if args.card:
         print(f"recorded in {cv.add_to_card(args.card, out / 'cv.json')}")
+    return 0
+
+
+def _subjects_and_folds(args, config):
+    """The subject entries --data lists and their held-out groups (folds), checked."""
+    from mrijax import cv, data
+
+    root = args.data or data.ensure_phantom_dataset()
+    entries = data.find_subjects(root, data.source_names(config.source) + [config.target])
+    groups = cv.source_groups([e["id"] for e in entries], args.groups)
+    if len(groups) < 2:
+        raise ValueError(f"all subjects form one source ({', '.join(groups[0])}): cross-validation needs two or "
+                         "more; pass --groups")
+    return entries, groups
+
+
+def train_folds(args, config, group=None) -> int:
+    """Train (and export) the fold models --train-folds names (all without it), in this process or as one worker
+    of `group`."""
+    from mrijax import cv, data
+
+    entries, groups = _subjects_and_folds(args, config)
+    names = cv.select_folds(groups, args.train_folds or [str(i + 1) for i in range(len(groups))])
+    subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
+    cv.train_folds(subjects, groups, config, Path(args.out), names, warm_start=args.warm_start,
+                   progress=not args.no_progress, group=group)
     return 0
