@@ -74,11 +74,12 @@ def main(argv=None) -> int:
     chosen = cv.select_folds(groups, args.train_folds) if args.train_folds else None
     out = Path(args.out)
     if config.workers > 1:  # the worker processes train (and export) the fold models; scoring below loads them
-        code = cli.run_workers(config.workers, train_folds, args, config)
+        names = chosen or [cv.fold_name(i, g) for i, g in enumerate(groups)]
+        code = cli.run_workers(config.workers, train_folds, args, config, entries, groups, names)
         if code or chosen:
             return code
     elif chosen:
-        return train_folds(args, config)
+        return train_folds(args, config, entries, groups, chosen)
     subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     scoring = dict(baselines=args.baselines, flip=args.tta, compute_dtype=config.compute_dtype,
                    baseline_cache=Path(args.baseline_cache) if args.baseline_cache else out / "baselines")
@@ -106,13 +107,10 @@ def _subjects_and_folds(args, config):
     return entries, groups
 
 
-def train_folds(args, config, group=None) -> int:
-    """Train (and export) the fold models --train-folds names (all without it), in this process or as one worker
-    of `group`."""
+def train_folds(args, config, entries, groups, names, group=None) -> int:
+    """Train (and export) the named folds' models, in this process or as one worker of `group`."""
     from mrijax import cv, data
 
-    entries, groups = _subjects_and_folds(args, config)
-    names = cv.select_folds(groups, args.train_folds or [str(i + 1) for i in range(len(groups))])
     subjects = [data.load_subject(entry, config.source, config.target) for entry in entries]
     cv.train_folds(subjects, groups, config, Path(args.out), names, warm_start=args.warm_start,
                    progress=not args.no_progress, group=group)
