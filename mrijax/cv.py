@@ -208,8 +208,6 @@ def train_folds(subjects, groups, config: TrainConfig, out, names, *, warm_start
     """Train (and export) only the named folds' models, no scoring: part of a CV for a second process, or as one
     worker of `group` (`--workers`)."""
     check_no_leak(config, groups)
-    if group and group.index:
-        log = lambda *a, **k: None  # noqa: E731 - worker 0 speaks for the group
     fold_model = _fold_trainer(config, Path(out), warm_start, progress, log, group)
     for name, _, train in _folds(subjects, groups, log, only=names):
         fold_model(name, train)

@@ -137,6 +137,8 @@ def run_workers(count: int, target, *args) -> int:
 
 
 def _worker(group, target, *args) -> None:
+    if group.index:  # worker 0 speaks for the group: the others' output would repeat it (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
     try:
         target(*args, group=group)
     except BAD_INPUT as e:
